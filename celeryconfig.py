@@ -1,0 +1,88 @@
+"""Celery settings shared by producers, workers and Flower, built from KRONOS_* variables.
+
+Loaded by name from tasks/app.py. Every process must load the same values: each one that consumes from
+Redis also sweeps unacknowledged messages back into the queues, and the shortest visibility timeout wins.
+Variables: docs/CONFIGURATION.md. No torch and no worker/model imports here: producers import this.
+"""
+
+from tasks import routing
+from tasks.settings import current_settings
+
+_settings = current_settings()
+
+broker_url = _settings.broker_url
+result_backend = _settings.result_backend
+
+# JSON only: a pickle payload from anyone able to write to Redis would run code inside the worker.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# Ack after the result is stored, so a worker that dies mid-job leaves the job to be run again.
+task_acks_late = True
+# A job that raised or hit its time limit would do the same again: store FAILURE and ack, never loop.
+task_acks_on_failure = True
+task_acks_on_timeout = True
+# A pool child killed mid-job (OOM, segfault) gets the job sent again as a retry, so the task's
+# max_retries bounds a job that kills every process it lands on; rejecting (requeue) is the fallback.
+task_reject_on_worker_lost = True
+task_retry_on_worker_lost = True
+# Prefork pools kill a job that runs past this, before its visibility timeout could hand it to a second
+# worker (thread pools ignore time limits: they must enforce the deadline themselves).
+task_time_limit = _settings.max_job_seconds
+
+# The visibility clock starts at fetch: every prefetched job waits its turn on that clock.
+worker_prefetch_multiplier = _settings.prefetch_multiplier
+# On a lost broker connection the worker requeues everything it holds, running jobs included; cancel
+# those rather than let them finish alongside their second copy.
+worker_cancel_long_running_tasks_on_connection_loss = True
+# A redelivered job whose SUCCESS is already stored is acked without running again.
+worker_deduplicate_successful_tasks = True
+
+# STARTED state and task events, so clients and Flower can tell queued from running.
+task_track_started = True
+task_send_sent_event = True
+worker_send_task_events = True
+
+result_expires = _settings.result_expires
+# Result metadata also names the task, its queue and the worker, which operators need when tracing a job.
+result_extended = True
+# Retry result writes through a Redis outage with backoff, but finitely: a job blocked storing its result
+# still runs on its visibility-timeout clock. With connections refused at once that is at most about
+# 11 attempts x 5 s (the retry_policy below) plus 20 s of backoff between them.
+result_backend_always_retry = True
+result_backend_max_retries = 10
+# Each backend operation's own reconnect loop (default 20 tries a second apart): a producer whose first send
+# finds Redis down fails after about 5 s instead of 20.
+result_backend_transport_options = {
+    "retry_policy": {"max_retries": 5, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
+}
+
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _settings.visibility_timeout,
+    "unacked_restore_interval": _settings.unacked_restore_interval,
+    # kombu sweeps only on every Nth interval (default 10); 1 makes the interval the actual sweep period.
+    "unacked_restore_throttle": 1,
+    "priority_steps": list(routing.PRIORITY_STEPS),
+    # A worker serving several queues drains them in its -Q order, not round-robin.
+    "queue_order_strategy": "priority",
+    # Without a socket timeout a command on a half-open connection (failover, NAT drop) waits forever.
+    "socket_timeout": _settings.socket_timeout,
+    "socket_connect_timeout": _settings.socket_connect_timeout,
+    "socket_keepalive": True,
+    "health_check_interval": _settings.health_check_interval,
+}
+# The Redis result backend takes its socket options from these redis_* settings, not from
+# result_backend_transport_options.
+redis_socket_timeout = _settings.socket_timeout
+redis_socket_connect_timeout = _settings.socket_connect_timeout
+redis_socket_keepalive = True
+redis_backend_health_check_interval = _settings.health_check_interval
+
+task_queues = routing.forecast_queues(_settings)
+task_routes = (routing.ForecastRouter(_settings),)
+task_default_queue = routing.queue_for_model(_settings.default_model, _settings)
+# A queue name that is not a served model's raises at send time instead of filling a queue nobody reads.
+task_create_missing_queues = False

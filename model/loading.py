@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -87,7 +88,7 @@ def _download(repo_id: str, filename: str, revision: str | None, offline: bool) 
             f"{where}: {filename} is not in the local Hugging Face cache and the Hub cannot be reached "
             "(offline mode, or no network). Pre-load the cache on a connected host "
             "(`hf download` with the same HF_HOME), or point the model setting at a local directory.",
-            transient=not offline,
+            transient=not (offline or hub_constants.HF_HUB_OFFLINE),
         ) from None
     except RevisionNotFoundError:
         raise ModelLoadError(f"{where}: revision not found on the Hub; check the revision setting") from None

@@ -2,7 +2,7 @@
 Depends only on pydantic, pandas and numpy, so a producer installs it without torch."""
 
 from schemas.candles import CANDLE_COLUMNS, Candles, Column
-from schemas.errors import RETRYABLE_CODES, ErrorCode, JobError, JobRejected
+from schemas.errors import RETRYABLE_CODES, ErrorCode, JobError, JobFailed
 from schemas.fields import MAX_ABS_VALUE
 from schemas.jsonschema import json_schemas
 from schemas.limits import Limits
@@ -20,7 +20,7 @@ __all__ = [
     "ForecastRequest",
     "ForecastResult",
     "JobError",
-    "JobRejected",
+    "JobFailed",
     "Limits",
     "Timings",
     "json_schemas",

@@ -41,16 +41,36 @@ class JobError(BaseModel):
         return self.code in RETRYABLE_CODES
 
 
-class JobRejected(Exception):
-    """Raised for a job that must not run; `.error` is the report to hand back to the producer."""
+class JobFailed(Exception):
+    """A job that fails with a structured error; `.error` is the report to hand back to the producer.
 
-    def __init__(self, error: JobError) -> None:
-        super().__init__(error.message)
-        self.error = error
+    Its one argument is the error as a JSON object: Celery's JSON result backend stores an exception's
+    args, so `celery-task-meta-<id>` holds {"exc_type": "JobFailed", "exc_module": "schemas.errors",
+    "exc_message": [{"code": ..., "message": ..., "field": ...}]} for any language to read, and a Python
+    client that has imported `schemas` gets this exception back from `AsyncResult.get()`.
+    """
 
-    def __reduce__(self) -> tuple[type[JobRejected], tuple[JobError]]:
-        # Exception pickles its args (the message); rebuild from the structured error instead.
-        return type(self), (self.error,)
+    def __init__(self, error: JobError | dict[str, Any]) -> None:
+        self.error = error if isinstance(error, JobError) else JobError.model_validate(error)
+        super().__init__(self.error.model_dump(mode="json"))
+
+    def __str__(self) -> str:
+        return self.error.message
+
+    def __reduce__(self) -> tuple[type[JobFailed], tuple[dict[str, Any]]]:
+        return type(self), (self.error.model_dump(mode="json"),)
+
+    @classmethod
+    def of(
+        cls,
+        code: ErrorCode,
+        message: str,
+        *,
+        field: str | None = None,
+        job_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> JobFailed:
+        return cls(JobError(code=code, message=message, field=field, details=details or {}, job_id=job_id))
 
     @classmethod
     def invalid_input(
@@ -60,7 +80,7 @@ class JobRejected(Exception):
         *,
         job_id: str | None = None,
         details: dict[str, Any] | None = None,
-    ) -> JobRejected:
+    ) -> JobFailed:
         error = JobError(
             code=ErrorCode.INVALID_INPUT,
             message=f"{field or 'payload'}: {problem}",

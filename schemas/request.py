@@ -20,7 +20,7 @@ from pydantic import (
 
 from schemas.candles import Candles, check_time_order
 from schemas.error_translation import field_error
-from schemas.errors import JobRejected
+from schemas.errors import JobFailed
 from schemas.fields import DisplayText, FiniteNumber
 from schemas.horizon import (
     LAST_REPRESENTABLE_YEAR,
@@ -160,7 +160,7 @@ class ForecastRequest(BaseModel):
         return future_index(self._candle_index()[-1], self._future_offset(), self.pred_len)
 
     def check_limits(self, limits: Limits) -> None:
-        """Raise `JobRejected` (INVALID_INPUT) for the first limit this request exceeds."""
+        """Raise `JobFailed` (INVALID_INPUT) for the first limit this request exceeds."""
         candle_count = len(self.candles.timestamps)
         if candle_count < limits.min_candles:
             raise self._over_limit("candles", f"{candle_count} candles are fewer than", "min_candles", limits)
@@ -178,9 +178,9 @@ class ForecastRequest(BaseModel):
                 "quantiles", f"{len(self.quantiles)} quantiles are more than", "max_quantiles", limits
             )
 
-    def _over_limit(self, field: str, comparison: str, limit_name: str, limits: Limits) -> JobRejected:
+    def _over_limit(self, field: str, comparison: str, limit_name: str, limits: Limits) -> JobFailed:
         limit = getattr(limits, limit_name)
-        return JobRejected.invalid_input(
+        return JobFailed.invalid_input(
             field,
             f"{comparison} the {limit_name} limit of {limit}",
             job_id=self.job_id,

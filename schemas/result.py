@@ -22,14 +22,17 @@ def quantile_label(quantile: float) -> str:
 
 
 class Timings(BaseModel):
-    """Wall-clock seconds. queue_wait spans two hosts' clocks; the worker clamps it at 0."""
+    """Wall-clock seconds of one job's path. queue_wait (enqueue to start) spans two hosts' clocks, so the
+    worker clamps it at 0, and it is null when the producer sent no `kronos_sent_at` header; total then
+    counts from the start in the worker."""
 
     model_config = ConfigDict(frozen=True)
 
-    queue_wait: Seconds
-    preprocess: Seconds
-    inference: Seconds
-    total: Seconds
+    queue_wait: Seconds | None = Field(description="From enqueue to the worker starting the job.")
+    preprocess: Seconds = Field(description="Validation and normalization in the worker.")
+    batch_wait: Seconds = Field(0.0, description="Waiting for an engine batch to form and start.")
+    inference: Seconds = Field(description="The engine call this job's batch ran in.")
+    total: Seconds = Field(description="From enqueue (or start) to the result being ready.")
 
 
 class ForecastResult(BaseModel):

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas.error_translation import job_error_from_validation
-from schemas.errors import JobRejected
+from schemas.errors import JobFailed
 from schemas.limits import Limits
 from schemas.request import JOB_ID_PATTERN, ForecastRequest
 
@@ -20,7 +20,7 @@ _JSON_TYPE_NAMES = {list: "an array", str: "a string", int: "a number", float: "
 
 def validate_job(payload: dict[str, Any] | str | bytes, limits: Limits | None = None) -> ForecastRequest:
     """Parse and check one job: a decoded JSON object, or raw JSON text/bytes. The size limit applies
-    before anything is parsed. Any problem raises `JobRejected` (INVALID_INPUT) naming the first bad
+    before anything is parsed. Any problem raises `JobFailed` (INVALID_INPUT) naming the first bad
     field. `limits` defaults to `Limits()`, not the environment: the caller owns configuration."""
     limits = Limits() if limits is None else limits
     document = _decode(payload, limits.max_payload_bytes)
@@ -28,7 +28,7 @@ def validate_job(payload: dict[str, Any] | str | bytes, limits: Limits | None = 
     try:
         request = ForecastRequest.model_validate(document)
     except ValidationError as exc:
-        raise JobRejected(job_error_from_validation(exc, job_id=job_id)) from None
+        raise JobFailed(job_error_from_validation(exc, job_id=job_id)) from None
     request.check_limits(limits)
     return request
 
@@ -39,13 +39,13 @@ def _decode(payload: Any, max_bytes: int) -> dict[str, Any]:
         try:
             document = json.loads(payload)
         except (ValueError, RecursionError) as exc:
-            raise JobRejected.invalid_input(None, f"is not valid JSON ({_reason(exc)})") from None
+            raise JobFailed.invalid_input(None, f"is not valid JSON ({_reason(exc)})") from None
     else:
         document = payload
         _check_size(_canonical_json(payload), max_bytes)
     if not isinstance(document, dict):
         kind = _JSON_TYPE_NAMES.get(type(document), "null" if document is None else type(document).__name__)
-        raise JobRejected.invalid_input(None, f"must be a JSON object, got {kind}")
+        raise JobFailed.invalid_input(None, f"must be a JSON object, got {kind}")
     return document
 
 
@@ -53,7 +53,7 @@ def _canonical_json(document: Any) -> str:
     try:
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=_encode_temporal)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise JobRejected.invalid_input(None, f"is not JSON-serializable ({_reason(exc)})") from None
+        raise JobFailed.invalid_input(None, f"is not JSON-serializable ({_reason(exc)})") from None
 
 
 def _encode_temporal(value: Any) -> str:
@@ -69,7 +69,7 @@ def _check_size(payload: str | bytes | bytearray, max_bytes: int) -> None:
     if isinstance(payload, str) and size <= max_bytes:
         size = len(payload.encode("utf-8", errors="surrogatepass"))
     if size > max_bytes:
-        raise JobRejected.invalid_input(
+        raise JobFailed.invalid_input(
             None,
             f"is larger than the max_payload_bytes limit of {max_bytes} bytes",
             details={"limit": "max_payload_bytes", "limit_value": max_bytes},

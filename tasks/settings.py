@@ -47,9 +47,9 @@ class KronosSettings:
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
     """Read and validate every KRONOS_* variable; raise SettingsError on the first bad one."""
-    broker_url = _redis_url(environ, "KRONOS_BROKER_URL", DEFAULT_BROKER_URL)
-    max_job_seconds = _whole_seconds(environ, "KRONOS_MAX_JOB_SECONDS", 600)
-    visibility_timeout = _whole_seconds(
+    broker_url = env_redis_url(environ, "KRONOS_BROKER_URL", DEFAULT_BROKER_URL)
+    max_job_seconds = env_whole_seconds(environ, "KRONOS_MAX_JOB_SECONDS", 600)
+    visibility_timeout = env_whole_seconds(
         environ, "KRONOS_VISIBILITY_TIMEOUT", 2 * max_job_seconds + VISIBILITY_MARGIN_SECONDS
     )
     if visibility_timeout < max_job_seconds:
@@ -57,26 +57,24 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
             f"KRONOS_VISIBILITY_TIMEOUT ({visibility_timeout}) must be >= KRONOS_MAX_JOB_SECONDS "
             f"({max_job_seconds}): a job still unacknowledged when it expires is delivered to a second worker"
         )
-    models = _names(environ, "KRONOS_MODELS", DEFAULT_MODELS)
-    default_model = _name(environ, "KRONOS_DEFAULT_MODEL", "kronos-small")
+    models = env_names(environ, "KRONOS_MODELS", DEFAULT_MODELS)
+    default_model = env_name(environ, "KRONOS_DEFAULT_MODEL", "kronos-small")
     if default_model not in models:
-        raise SettingsError(
-            f"KRONOS_DEFAULT_MODEL {default_model!r} is not one of KRONOS_MODELS ({', '.join(models)})"
-        )
+        raise SettingsError(f"KRONOS_DEFAULT_MODEL {default_model!r} is not one of KRONOS_MODELS ({', '.join(models)})")
     return KronosSettings(
         broker_url=broker_url,
-        result_backend=_redis_url(environ, "KRONOS_RESULT_BACKEND", _with_db(broker_url, RESULT_BACKEND_DB)),
-        result_expires=_whole_seconds(environ, "KRONOS_RESULT_EXPIRES", 86400),
+        result_backend=env_redis_url(environ, "KRONOS_RESULT_BACKEND", _with_db(broker_url, RESULT_BACKEND_DB)),
+        result_expires=env_whole_seconds(environ, "KRONOS_RESULT_EXPIRES", 86400),
         max_job_seconds=max_job_seconds,
         visibility_timeout=visibility_timeout,
-        prefetch_multiplier=_whole_number(environ, "KRONOS_PREFETCH_MULTIPLIER", 1),
-        queue_prefix=_name(environ, "KRONOS_QUEUE_PREFIX", "kronos"),
+        prefetch_multiplier=env_whole_number(environ, "KRONOS_PREFETCH_MULTIPLIER", 1),
+        queue_prefix=env_name(environ, "KRONOS_QUEUE_PREFIX", "kronos"),
         models=models,
         default_model=default_model,
-        unacked_restore_interval=_whole_seconds(environ, "KRONOS_UNACKED_RESTORE_INTERVAL", 10),
-        socket_timeout=_positive_seconds(environ, "KRONOS_SOCKET_TIMEOUT", 30.0),
-        socket_connect_timeout=_positive_seconds(environ, "KRONOS_SOCKET_CONNECT_TIMEOUT", 5.0),
-        health_check_interval=_whole_seconds(environ, "KRONOS_HEALTH_CHECK_INTERVAL", 25),
+        unacked_restore_interval=env_whole_seconds(environ, "KRONOS_UNACKED_RESTORE_INTERVAL", 10),
+        socket_timeout=env_positive_seconds(environ, "KRONOS_SOCKET_TIMEOUT", 30.0),
+        socket_connect_timeout=env_positive_seconds(environ, "KRONOS_SOCKET_CONNECT_TIMEOUT", 5.0),
+        health_check_interval=env_whole_seconds(environ, "KRONOS_HEALTH_CHECK_INTERVAL", 25),
     )
 
 
@@ -86,14 +84,14 @@ def current_settings() -> KronosSettings:
     return load_settings()
 
 
-def _raw(environ: Mapping[str, str], variable: str) -> str | None:
+def env_raw(environ: Mapping[str, str], variable: str) -> str | None:
     # Blank counts as unset: compose files and Helm charts often pass "" for "not configured".
     value = environ.get(variable, "").strip()
     return value or None
 
 
-def _whole_number(environ: Mapping[str, str], variable: str, default: int, *, unit: str = "") -> int:
-    raw = _raw(environ, variable)
+def env_whole_number(environ: Mapping[str, str], variable: str, default: int, *, unit: str = "") -> int:
+    raw = env_raw(environ, variable)
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
@@ -101,12 +99,12 @@ def _whole_number(environ: Mapping[str, str], variable: str, default: int, *, un
     return int(raw)
 
 
-def _whole_seconds(environ: Mapping[str, str], variable: str, default: int) -> int:
-    return _whole_number(environ, variable, default, unit=" of seconds")
+def env_whole_seconds(environ: Mapping[str, str], variable: str, default: int) -> int:
+    return env_whole_number(environ, variable, default, unit=" of seconds")
 
 
-def _positive_seconds(environ: Mapping[str, str], variable: str, default: float) -> float:
-    raw = _raw(environ, variable)
+def env_positive_seconds(environ: Mapping[str, str], variable: str, default: float) -> float:
+    raw = env_raw(environ, variable)
     if raw is None:
         return default
     try:
@@ -118,8 +116,8 @@ def _positive_seconds(environ: Mapping[str, str], variable: str, default: float)
     return seconds
 
 
-def _name(environ: Mapping[str, str], variable: str, default: str) -> str:
-    raw = _raw(environ, variable)
+def env_name(environ: Mapping[str, str], variable: str, default: str) -> str:
+    raw = env_raw(environ, variable)
     if raw is None:
         return default
     if not _NAME_PATTERN.fullmatch(raw):
@@ -127,32 +125,30 @@ def _name(environ: Mapping[str, str], variable: str, default: str) -> str:
     return raw
 
 
-def _names(environ: Mapping[str, str], variable: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    raw = _raw(environ, variable)
+def env_names(environ: Mapping[str, str], variable: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env_raw(environ, variable)
     if raw is None:
         return default
     names = tuple(item.strip() for item in raw.split(","))
     bad = [name for name in names if not _NAME_PATTERN.fullmatch(name)]
     if bad:
         raise SettingsError(
-            f"{variable} must be a comma-separated list of names matching {_NAME_PATTERN.pattern}, "
-            f"got {raw!r}"
+            f"{variable} must be a comma-separated list of names matching {_NAME_PATTERN.pattern}, got {raw!r}"
         )
     if len(set(names)) != len(names):
         raise SettingsError(f"{variable} lists a model twice: {raw!r}")
     return names
 
 
-def _redis_url(environ: Mapping[str, str], variable: str, default: str) -> str:
-    raw = _raw(environ, variable)
+def env_redis_url(environ: Mapping[str, str], variable: str, default: str) -> str:
+    raw = env_raw(environ, variable)
     if raw is None:
         return default
     scheme = urlsplit(raw).scheme
     # Only the scheme goes into the message: the rest of the URL may carry a password.
     if scheme not in _REDIS_SCHEMES:
         raise SettingsError(
-            f"{variable} must be a {' or '.join(s + '://' for s in _REDIS_SCHEMES)} URL, "
-            f"got scheme {scheme!r}"
+            f"{variable} must be a {' or '.join(s + '://' for s in _REDIS_SCHEMES)} URL, got scheme {scheme!r}"
         )
     return raw
 

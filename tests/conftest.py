@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 from redis_server import RedisServer
 
+# The tests run tiny checkpoints: one intra-op thread is fastest and keeps a 2-core machine responsive
+# (read by torch when it is first imported, and inherited by worker subprocesses).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -195,16 +195,14 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RedisServerError(
-                    f"redis-server exited with status {self.process.returncode} during startup\n"
-                    f"{self.log_tail()}"
+                    f"redis-server exited with status {self.process.returncode} during startup\n{self.log_tail()}"
                 )
             if self._answers_ping():
                 return
             time.sleep(0.05)
         self.kill()
         raise RedisServerError(
-            f"redis-server did not answer PING on port {self.port} within {self.startup_timeout} s\n"
-            f"{self.log_tail()}"
+            f"redis-server did not answer PING on port {self.port} within {self.startup_timeout} s\n{self.log_tail()}"
         )
 
     def _answers_ping(self) -> bool:

@@ -21,7 +21,7 @@ from schemas import (
     ForecastRequest,
     ForecastResult,
     JobError,
-    JobRejected,
+    JobFailed,
     Limits,
     json_schemas,
     quantile_label,
@@ -53,7 +53,7 @@ def make_payload(**overrides: Any) -> dict[str, Any]:
 
 
 def rejection(payload: Any, limits: Limits | None = None) -> JobError:
-    with pytest.raises(JobRejected) as caught:
+    with pytest.raises(JobFailed) as caught:
         validate_job(payload, limits)
     return caught.value.error
 
@@ -452,7 +452,7 @@ def test_limits_are_enforced(overrides: dict[str, Any], limits: Limits, field: s
     assert_well_formed(error)
     assert (error.field, error.details["limit"]) == (field, limit_name)
     assert limit_name in error.message
-    with pytest.raises(JobRejected):
+    with pytest.raises(JobFailed):
         ForecastRequest.model_validate(payload).check_limits(limits)
 
 
@@ -542,7 +542,7 @@ def test_retryable_follows_the_code(code: ErrorCode, retryable: bool) -> None:
 
 def test_job_rejected_carries_the_error() -> None:
     error = JobError(code=ErrorCode.EXPIRED, message="deadline: passed before the job started", field="deadline")
-    exc = JobRejected(error)
+    exc = JobFailed(error)
     assert str(exc) == error.message
     assert pickle.loads(pickle.dumps(exc)).error == error
 

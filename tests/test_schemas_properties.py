@@ -1,4 +1,4 @@
-"""Property tests: whatever arrives, validate_job answers with a request or a clean JobRejected."""
+"""Property tests: whatever arrives, validate_job answers with a request or a clean JobFailed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import CANDLE_COLUMNS, ErrorCode, ForecastRequest, JobRejected, Limits, validate_job
+from schemas import CANDLE_COLUMNS, ErrorCode, ForecastRequest, JobFailed, Limits, validate_job
 
 REQUEST_FIELDS = sorted(ForecastRequest.model_fields)
 LIMITS = Limits(min_candles=2)
@@ -57,7 +57,7 @@ def validate_or_reject(payload: Any) -> ForecastRequest | None:
     """Run validate_job; on rejection check the error is one JSON-safe sentence naming its field."""
     try:
         return validate_job(payload, LIMITS)
-    except JobRejected as exc:
+    except JobFailed as exc:
         error = exc.error
         assert error.code is ErrorCode.INVALID_INPUT
         assert "\n" not in error.message

@@ -1,0 +1,101 @@
+"""The worker process, wired in one place: `celery -A worker.app worker`.
+
+One process serves one model on one device: it consumes only that model's queue, loads the model once
+before it takes any job (`worker_init`), runs jobs in a threads pool whose threads feed one batching
+thread, and releases the model at shutdown. A process that cannot load its model exits with status 3
+and says why; it never consumes a job. `python -m worker.launch` starts one such process per GPU.
+"""
+
+import logging
+import os
+import sys
+
+from celery import signals
+
+from schemas import ErrorCode, JobFailed, Limits
+from tasks.app import app
+from tasks.routing import FORECAST_TASK, queue_for_model
+from tasks.settings import current_settings
+from worker import lifecycle
+from worker.batching import Batcher
+from worker.jobs import JobRunner, is_out_of_memory, make_batch_runner
+from worker.settings import current_worker_settings
+
+log = logging.getLogger("kronos.worker")
+EXIT_MODEL_NOT_LOADED = 3
+
+settings = current_worker_settings()
+# Jobs run in threads of this process, which owns the model and the batching thread; prefork children
+# would each need their own copy of the weights and could not share batches.
+app.conf.worker_pool = "threads"
+app.conf.worker_concurrency = settings.concurrency
+
+
+class _Runtime:
+    """What the process holds while it serves: set by start_serving, cleared at worker_shutdown."""
+
+    serving: lifecycle.ServingModel | None = None
+    batcher: Batcher | None = None
+    jobs: JobRunner | None = None
+
+
+runtime = _Runtime()
+
+
+# throws: a JobFailed is an expected outcome (logged without a traceback), not a worker error
+@app.task(name=FORECAST_TASK, bind=True, acks_late=True, throws=(JobFailed,))
+def forecast(self, request):
+    """Forecast one series; `request` is a schemas.ForecastRequest as JSON."""
+    if runtime.jobs is None:
+        raise JobFailed.of(ErrorCode.MODEL_NOT_READY, "the worker has no model loaded", job_id=self.request.id)
+    return runtime.jobs.run(self, request)
+
+
+@signals.celeryd_after_setup.connect
+def start_serving(sender, instance, **_):
+    """Runs once logging is set up and before the consumer starts: nothing is fetched until this returns."""
+    queue = queue_for_model(settings.model)
+    instance.app.amqp.queues.select([queue])
+    pool = getattr(instance, "pool_cls", None)
+    if pool is not None and "thread" not in str(pool):
+        log.critical("the Kronos worker needs the threads pool (-P threads), got %s", pool)
+        sys.exit(EXIT_MODEL_NOT_LOADED)
+    limits = Limits.from_env()
+    if settings.test_faults:
+        log.warning("KRONOS_TEST_FAULTS=1: fault injection is ON; never set it in production")
+    try:
+        serving = lifecycle.load(settings, max_pred_len=limits.max_pred_len)
+    except Exception as exc:
+        log.critical("cannot load model %s (%s): %s; not consuming any job", settings.model, settings.predictor, exc)
+        sys.exit(EXIT_MODEL_NOT_LOADED)
+    info = serving.engine.info
+    log.info(
+        "serving %s from queue %s; model loaded: %s rev %s, tokenizer %s rev %s, device %s, %.2f s, pid %d",
+        settings.model, queue, info.predictor, info.predictor_revision, info.tokenizer, info.tokenizer_revision,
+        serving.device, serving.load_seconds, os.getpid(),
+    )  # fmt: skip
+    batcher = Batcher(
+        make_batch_runner(serving, settings.test_faults),
+        max_batch_size=settings.max_batch_size,
+        max_wait=settings.max_batch_wait,
+        is_out_of_memory=is_out_of_memory,
+    )
+    runtime.serving, runtime.batcher = serving, batcher
+    runtime.jobs = JobRunner(
+        serving,
+        batcher,
+        settings,
+        limits,
+        max_job_seconds=current_settings().max_job_seconds,
+        store_progress=lambda job_id, meta: app.backend.store_result(job_id, meta, "PROGRESS"),
+    )
+
+
+@signals.worker_shutdown.connect
+def release_model(**_):
+    if runtime.batcher is not None:
+        runtime.batcher.stop(timeout=30)
+    if runtime.serving is not None:
+        lifecycle.release(runtime.serving)
+    runtime.serving = runtime.batcher = runtime.jobs = None
+    log.info("model released")

@@ -1,0 +1,94 @@
+"""Worker-only settings from KRONOS_* variables (the shared ones live in tasks/settings.py).
+
+Documented in docs/CONFIGURATION.md with every other variable.
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+
+from tasks.settings import (
+    SettingsError,
+    current_settings,
+    env_name,
+    env_positive_seconds,
+    env_raw,
+    env_whole_number,
+)
+
+_DEVICES_HELP = "cpu, cuda, cuda:N or auto"
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model: str  # the served model's name, which is also its queue
+    predictor: str  # published name, Hub repo id or local directory
+    predictor_revision: str | None
+    tokenizer: str | None  # None: the one the published model was trained with
+    tokenizer_revision: str | None
+    max_context: int | None
+    device: str
+    dtype: str
+    max_batch_size: int
+    max_batch_wait: float  # seconds
+    concurrency: int
+    torch_threads: int | None
+    max_retries: int
+    retry_backoff: float  # seconds, first retry; doubles each time
+    retry_backoff_max: float
+    progress_interval: float  # seconds between progress writes of one job
+    test_faults: bool
+
+
+def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSettings:
+    shared = current_settings() if environ is os.environ else None
+    default_model = shared.default_model if shared else "kronos-small"
+    model = env_name(environ, "KRONOS_MODEL", default_model)
+    if shared and model not in shared.models:
+        raise SettingsError(f"KRONOS_MODEL {model!r} is not one of KRONOS_MODELS ({', '.join(shared.models)})")
+    device = env_raw(environ, "KRONOS_DEVICE") or "auto"
+    if not (device in ("cpu", "cuda", "auto") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise SettingsError(f"KRONOS_DEVICE must be {_DEVICES_HELP}, got {device!r}")
+    dtype = env_raw(environ, "KRONOS_DTYPE") or "float32"
+    if dtype not in _DTYPES:
+        raise SettingsError(f"KRONOS_DTYPE must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    max_batch_size = env_whole_number(environ, "KRONOS_MAX_BATCH_SIZE", 16)
+    max_context = env_raw(environ, "KRONOS_MAX_CONTEXT")
+    torch_threads = env_raw(environ, "KRONOS_TORCH_THREADS")
+    backoff = env_positive_seconds(environ, "KRONOS_RETRY_BACKOFF", 1.0)
+    return WorkerSettings(
+        model=model,
+        predictor=env_raw(environ, "KRONOS_PREDICTOR") or model,
+        predictor_revision=env_raw(environ, "KRONOS_PREDICTOR_REVISION"),
+        tokenizer=env_raw(environ, "KRONOS_TOKENIZER"),
+        tokenizer_revision=env_raw(environ, "KRONOS_TOKENIZER_REVISION"),
+        max_context=None if max_context is None else env_whole_number(environ, "KRONOS_MAX_CONTEXT", 0),
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        max_batch_wait=env_positive_seconds(environ, "KRONOS_MAX_BATCH_WAIT_MS", 20.0) / 1000,
+        # twice the batch size: the next batch gathers while the current one runs
+        concurrency=env_whole_number(environ, "KRONOS_CONCURRENCY", 2 * max_batch_size),
+        torch_threads=None if torch_threads is None else env_whole_number(environ, "KRONOS_TORCH_THREADS", 0),
+        max_retries=_count(environ, "KRONOS_MAX_RETRIES", 3),
+        retry_backoff=backoff,
+        retry_backoff_max=max(backoff, env_positive_seconds(environ, "KRONOS_RETRY_BACKOFF_MAX", 60.0)),
+        progress_interval=env_positive_seconds(environ, "KRONOS_PROGRESS_INTERVAL", 1.0),
+        test_faults=env_raw(environ, "KRONOS_TEST_FAULTS") == "1",
+    )
+
+
+def _count(environ: Mapping[str, str], variable: str, default: int) -> int:
+    raw = env_raw(environ, variable)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise SettingsError(f"{variable} must be a whole number >= 0, got {raw!r}")
+    return int(raw)
+
+
+@cache
+def current_worker_settings() -> WorkerSettings:
+    return load_worker_settings()

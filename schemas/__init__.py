@@ -4,6 +4,7 @@ Depends only on pydantic, pandas and numpy, so a producer installs it without to
 from schemas.candles import CANDLE_COLUMNS, Candles, Column
 from schemas.errors import RETRYABLE_CODES, ErrorCode, JobError, JobFailed
 from schemas.fields import MAX_ABS_VALUE
+from schemas.heartbeat import HEARTBEAT_KEY, WorkerHeartbeat
 from schemas.jsonschema import json_schemas
 from schemas.limits import Limits
 from schemas.request import ForecastRequest
@@ -12,6 +13,7 @@ from schemas.validation import validate_job
 
 __all__ = [
     "CANDLE_COLUMNS",
+    "HEARTBEAT_KEY",
     "MAX_ABS_VALUE",
     "RETRYABLE_CODES",
     "Candles",
@@ -23,6 +25,7 @@ __all__ = [
     "JobFailed",
     "Limits",
     "Timings",
+    "WorkerHeartbeat",
     "json_schemas",
     "quantile_label",
     "validate_job",

@@ -18,7 +18,16 @@ import torch
 from celery import Task
 
 from model import InvalidInputError, PreparedSeries, SeriesForecast, SeriesInput
-from schemas import ErrorCode, ForecastRequest, ForecastResult, JobFailed, Limits, quantile_label, validate_job
+from schemas import (
+    ErrorCode,
+    ForecastRequest,
+    ForecastResult,
+    JobError,
+    JobFailed,
+    Limits,
+    quantile_label,
+    validate_job,
+)
 from tasks.producer import SENT_AT_HEADER
 from worker import faults
 from worker.batching import Batcher, BatchOutcome, DeadlinePassed, WorkItem
@@ -56,6 +65,19 @@ def backoff_seconds(retries: int, first: float, cap: float) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+class JobObserver:
+    """Told about every job's outcome (metrics, logs, the dead-letter list). Observers must not raise."""
+
+    def job_started(self, task: Task) -> None:
+        """A job begins in this worker (any attempt)."""
+
+    def job_succeeded(self, task: Task, result: ForecastResult) -> None:
+        """Its result is about to be returned (and stored by Celery)."""
+
+    def job_failed(self, task: Task, payload, error: JobError, will_retry: bool) -> None:
+        """It failed with `error`; `will_retry` when it goes back to the queue for another attempt."""
+
+
 class JobRunner:
     def __init__(
         self,
@@ -65,6 +87,7 @@ class JobRunner:
         limits: Limits,
         max_job_seconds: float,
         store_progress: Callable[[str, dict], None],
+        observers: Sequence[JobObserver] = (),
     ):
         self.serving = serving
         self.batcher = batcher
@@ -72,30 +95,43 @@ class JobRunner:
         self.limits = limits
         self.max_job_seconds = max_job_seconds
         self.store_progress = store_progress
+        self.observers = observers
 
     def run(self, task: Task, payload) -> dict:
         """The task body: the result as JSON, or raise JobFailed, or Celery's Retry."""
         job_id = task.request.id
+        self._notify("job_started", task)
         try:
-            return self._run(task, payload, job_id)
+            result = self._run(task, payload, job_id)
         except JobFailed as failure:
             error = failure.error if failure.error.job_id else failure.error.model_copy(update={"job_id": job_id})
-            raise self._retry_or_fail(task, JobFailed(error)) from None
+            raise self._retry_or_fail(task, payload, JobFailed(error)) from None
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
             failure = JobFailed.of(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", job_id=job_id)
-            raise self._retry_or_fail(task, failure) from None
+            raise self._retry_or_fail(task, payload, failure) from None
+        self._notify("job_succeeded", task, result)
+        return result.model_dump(mode="json")
 
-    def _retry_or_fail(self, task: Task, failure: JobFailed) -> Exception:
+    def _notify(self, event: str, *args) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:  # an observer's bug must not change a job's outcome
+                log.exception("observer %r failed on %s", observer, event)
+
+    def _retry_or_fail(self, task: Task, payload, failure: JobFailed) -> Exception:
         error = failure.error
-        if not error.retryable or task.request.retries >= self.settings.max_retries:
+        will_retry = error.retryable and task.request.retries < self.settings.max_retries
+        self._notify("job_failed", task, payload, error, will_retry)
+        if not will_retry:
             log.warning("job %s failed: %s %s", error.job_id, error.code, error.message)
             return failure
         countdown = backoff_seconds(task.request.retries, self.settings.retry_backoff, self.settings.retry_backoff_max)
         log.warning("job %s: %s, retry %d in %.1f s", error.job_id, error.code, task.request.retries + 1, countdown)
         return task.retry(exc=failure, countdown=countdown, max_retries=self.settings.max_retries)
 
-    def _run(self, task: Task, payload, job_id: str) -> dict:
+    def _run(self, task: Task, payload, job_id: str) -> ForecastResult:
         started = time.time()
         sent_at = _sent_at(task)
         request = validate_job(payload, self.limits)
@@ -126,8 +162,7 @@ class JobRunner:
             "inference": outcome.inference_seconds,
             "total": finished - (started if sent_at is None else min(sent_at, started)),
         }
-        result = build_result(request, job_id, outcome, self.serving, task.request.hostname or "", timings)
-        return result.model_dump(mode="json")
+        return build_result(request, job_id, outcome, self.serving, task.request.hostname or "", timings)
 
     def _check_model(self, request: ForecastRequest) -> None:
         info = self.serving.engine.info

@@ -9,16 +9,21 @@ and says why; it never consumes a job. `python -m worker.launch` starts one such
 import logging
 import os
 import sys
+from http.server import ThreadingHTTPServer
 
+import redis
 from celery import signals
 
 from schemas import ErrorCode, JobFailed, Limits
 from tasks.app import app
-from tasks.routing import FORECAST_TASK, queue_for_model
+from tasks.routing import FORECAST_TASK, PRIORITY_STEPS, queue_for_model
 from tasks.settings import current_settings
-from worker import lifecycle
-from worker.batching import Batcher
+from worker import faults, lifecycle, logs
+from worker.batching import Batcher, BatchRun
+from worker.deadletters import DeadLetterObserver
+from worker.health import Heartbeat, Readiness, broker_client
 from worker.jobs import JobRunner, is_out_of_memory, make_batch_runner
+from worker.metrics import WorkerMetrics, serve
 from worker.settings import current_worker_settings
 
 log = logging.getLogger("kronos.worker")
@@ -29,6 +34,12 @@ settings = current_worker_settings()
 # would each need their own copy of the weights and could not share batches.
 app.conf.worker_pool = "threads"
 app.conf.worker_concurrency = settings.concurrency
+# Survive junk pushed onto the queue, and answer undecodable jobs instead of dropping them silently.
+app.conf.broker_transport = "worker.transport:Transport"
+app.conf.worker_consumer = "worker.consumer:Consumer"
+if settings.log_format == "json":
+    signals.after_setup_logger.connect(logs.use_json_lines)
+    signals.after_setup_task_logger.connect(logs.use_json_lines)
 
 
 class _Runtime:
@@ -37,6 +48,8 @@ class _Runtime:
     serving: lifecycle.ServingModel | None = None
     batcher: Batcher | None = None
     jobs: JobRunner | None = None
+    heartbeat: Heartbeat | None = None
+    http: ThreadingHTTPServer | None = None  # /metrics, /healthz, /readyz
 
 
 runtime = _Runtime()
@@ -44,10 +57,14 @@ runtime = _Runtime()
 
 # throws: a JobFailed is an expected outcome (logged without a traceback), not a worker error
 @app.task(name=FORECAST_TASK, bind=True, acks_late=True, throws=(JobFailed,))
-def forecast(self, request):
-    """Forecast one series; `request` is a schemas.ForecastRequest as JSON."""
+def forecast(self, *args, **kwargs):
+    """Forecast one series: args=[request] (or kwargs={"request": ...}), a schemas.ForecastRequest as JSON.
+
+    Any other shape reaches validation as a non-object and fails there with INVALID_INPUT, instead of
+    raising TypeError in Celery's call (which would look like a worker fault)."""
     if runtime.jobs is None:
         raise JobFailed.of(ErrorCode.MODEL_NOT_READY, "the worker has no model loaded", job_id=self.request.id)
+    request = args[0] if len(args) == 1 and not kwargs else kwargs.get("request") if not args else None
     return runtime.jobs.run(self, request)
 
 
@@ -63,10 +80,25 @@ def start_serving(sender, instance, **_):
     limits = Limits.from_env()
     if settings.test_faults:
         log.warning("KRONOS_TEST_FAULTS=1: fault injection is ON; never set it in production")
+        signals.task_success.connect(lambda sender, result, **_: faults.exit_after_result(sender, result), weak=False)
+    # Heartbeat and probes start first, so that a long model download shows as "not ready", not as absent.
+    broker = broker_client(current_settings())
+    metrics, job_log, readiness = WorkerMetrics(settings.model, queue), logs.JobLog(), Readiness()
+    metrics.watch_readiness(lambda: readiness.reason() is None)
+    metrics.watch_queue_depth(broker, PRIORITY_STEPS)
+    runtime.heartbeat = Heartbeat(
+        broker, worker=sender, queue=queue, model=settings.model, interval=settings.heartbeat_interval,
+        readiness=readiness, job_counts=metrics.job_counts,
+    )  # fmt: skip
+    runtime.heartbeat.start()
+    if settings.metrics_port:
+        probes = {"/healthz": lambda: None, "/readyz": readiness.reason}
+        runtime.http = serve(metrics.registry, settings.metrics_address, settings.metrics_port, probes)
     try:
         serving = lifecycle.load(settings, max_pred_len=limits.max_pred_len)
     except Exception as exc:
         log.critical("cannot load model %s (%s): %s; not consuming any job", settings.model, settings.predictor, exc)
+        runtime.heartbeat.stop()
         sys.exit(EXIT_MODEL_NOT_LOADED)
     info = serving.engine.info
     log.info(
@@ -74,11 +106,19 @@ def start_serving(sender, instance, **_):
         settings.model, queue, info.predictor, info.predictor_revision, info.tokenizer, info.tokenizer_revision,
         serving.device, serving.load_seconds, os.getpid(),
     )  # fmt: skip
+    metrics.record_model(info.predictor, info.predictor_revision, serving.engine.device, serving.load_seconds)
+    runtime.heartbeat.model_loaded(serving)
+
+    def on_batch(run: BatchRun) -> None:
+        metrics.batch_done(run)
+        job_log.batch_done(run)
+
     batcher = Batcher(
         make_batch_runner(serving, settings.test_faults),
         max_batch_size=settings.max_batch_size,
         max_wait=settings.max_batch_wait,
         is_out_of_memory=is_out_of_memory,
+        on_batch=on_batch,
     )
     runtime.serving, runtime.batcher = serving, batcher
     runtime.jobs = JobRunner(
@@ -88,14 +128,31 @@ def start_serving(sender, instance, **_):
         limits,
         max_job_seconds=current_settings().max_job_seconds,
         store_progress=lambda job_id, meta: app.backend.store_result(job_id, meta, "PROGRESS"),
+        observers=[DeadLetterObserver(redis.Redis.from_url(app.conf.broker_url)), metrics, job_log],
     )
+
+
+@signals.worker_ready.connect
+def report_consuming(**_):
+    if runtime.heartbeat is not None:
+        runtime.heartbeat.consumer_started()
+
+
+@signals.worker_shutting_down.connect
+def report_shutting_down(**_):
+    if runtime.heartbeat is not None:
+        runtime.heartbeat.shutting_down()
 
 
 @signals.worker_shutdown.connect
 def release_model(**_):
+    if runtime.heartbeat is not None:
+        runtime.heartbeat.stop()
+    if runtime.http is not None:
+        runtime.http.shutdown()
     if runtime.batcher is not None:
         runtime.batcher.stop(timeout=30)
     if runtime.serving is not None:
         lifecycle.release(runtime.serving)
-    runtime.serving = runtime.batcher = runtime.jobs = None
+    runtime.serving = runtime.batcher = runtime.jobs = runtime.heartbeat = runtime.http = None
     log.info("model released")

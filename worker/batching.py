@@ -12,6 +12,7 @@ so only the job that fails on its own gets the error. celery-batches was the oth
 Celery < 5.7 and acknowledges a whole batch even when it raised (shared/notes, section 8).
 """
 
+import itertools
 import logging
 import queue
 import threading
@@ -47,6 +48,15 @@ class BatchOutcome:
     batch_wait_seconds: float
 
 
+@dataclass(frozen=True)
+class BatchRun:
+    """One successful engine call, as the on_batch hook (metrics, job logs) sees it."""
+
+    batch_id: int  # numbers this Batcher's successful engine calls from 1, so log lines can name a batch
+    job_ids: tuple[str, ...]
+    seconds: float
+
+
 class DeadlinePassed(Exception):
     """The item's deadline passed while it waited for a batch."""
 
@@ -59,13 +69,14 @@ class Batcher:
         max_batch_size: int,
         max_wait: float,
         is_out_of_memory: Callable[[BaseException], bool] = lambda exc: False,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[BatchRun], None] | None = None,
     ):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
         self.is_out_of_memory = is_out_of_memory
-        self.on_batch = on_batch  # (batch_size, seconds) after every engine call, for metrics
+        self.on_batch = on_batch  # after every successful engine call, before its jobs get their results
+        self._batch_ids = itertools.count(1)
         self._queue: queue.Queue[WorkItem | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="kronos-batcher", daemon=True)
         self._thread.start()
@@ -139,7 +150,11 @@ class Batcher:
             return
         seconds = time.monotonic() - started
         if self.on_batch is not None:
-            self.on_batch(len(batch), seconds)
+            run = BatchRun(next(self._batch_ids), tuple(item.job_id for item in batch), seconds)
+            try:
+                self.on_batch(run)
+            except Exception:  # a metrics or logging bug must not fail the jobs of a batch that worked
+                log.exception("on_batch hook failed")
         for item, output in zip(batch, outputs, strict=True):
             item.future.set_result(BatchOutcome(output, len(batch), seconds, started - item.submitted))
 

@@ -7,15 +7,21 @@ runner acts on inside the engine call, exactly where a real failure would surfac
     fault:permanent       raises InjectedFault on every attempt
     fault:oom-above:N     raises a simulated out-of-memory whenever its batch holds more than N jobs
     fault:sleep:S         sleeps S seconds before inference (a long job for shutdown and kill tests)
+    fault:exit-after-result  on a worker named doomed@..., exits the process once the job's result is
+                          stored and before it is acknowledged (a lost ack: the job is delivered again)
 
 The worker logs a warning at start when the switch is on. Production never sets it.
 """
 
+import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 PREFIX = "fault:"
+DOOMED_WORKER_PREFIX = "doomed@"
+log = logging.getLogger(__name__)
 
 
 class InjectedFault(RuntimeError):
@@ -55,3 +61,11 @@ def apply(faults: Sequence[tuple[Fault | None, int]], batch_size: int) -> None:
             raise InjectedFault("injected permanent fault")
         elif fault.kind == "oom-above" and batch_size > fault.amount:
             raise SimulatedOutOfMemory(f"simulated out of memory at batch size {batch_size}")
+
+
+def exit_after_result(task, result) -> None:
+    """task_success handler: Celery sends it after storing the result and before the ack."""
+    fault = Fault.parse(result.get("series_id", "")) if isinstance(result, dict) else None
+    if fault and fault.kind == "exit-after-result" and (task.request.hostname or "").startswith(DOOMED_WORKER_PREFIX):
+        log.warning("injected exit after storing the result of %s, before its ack", task.request.id)
+        os._exit(17)

@@ -19,6 +19,7 @@ from tasks.settings import (
 
 _DEVICES_HELP = "cpu, cuda, cuda:N or auto"
 _DTYPES = ("float32", "bfloat16", "float16")
+_LOG_FORMATS = ("json", "text")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class WorkerSettings:
     retry_backoff_max: float
     progress_interval: float  # seconds between progress writes of one job
     test_faults: bool
+    metrics_port: int  # this process's /metrics port (base + GPU index); 0: no HTTP endpoint
+    metrics_address: str
+    heartbeat_interval: float  # seconds
+    log_format: str  # json or text
 
 
 def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSettings:
@@ -77,7 +82,30 @@ def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSetti
         retry_backoff_max=max(backoff, env_positive_seconds(environ, "KRONOS_RETRY_BACKOFF_MAX", 60.0)),
         progress_interval=env_positive_seconds(environ, "KRONOS_PROGRESS_INTERVAL", 1.0),
         test_faults=env_raw(environ, "KRONOS_TEST_FAULTS") == "1",
+        metrics_port=_metrics_port(environ, device),
+        metrics_address=env_raw(environ, "KRONOS_METRICS_ADDRESS") or "0.0.0.0",
+        heartbeat_interval=env_positive_seconds(environ, "KRONOS_HEARTBEAT_INTERVAL", 10.0),
+        log_format=_log_format(environ),
     )
+
+
+def _metrics_port(environ: Mapping[str, str], device: str) -> int:
+    # The launcher starts one process per GPU with the same environment: each one takes base + its GPU
+    # index, so the processes of one host never compete for a port.
+    base = _count(environ, "KRONOS_METRICS_PORT", 9808)
+    if base == 0:
+        return 0
+    port = base + (int(device[5:]) if device.startswith("cuda:") else 0)
+    if port > 65535:
+        raise SettingsError(f"KRONOS_METRICS_PORT {base} + GPU index {port - base} is above 65535")
+    return port
+
+
+def _log_format(environ: Mapping[str, str]) -> str:
+    log_format = env_raw(environ, "KRONOS_LOG_FORMAT") or "json"
+    if log_format not in _LOG_FORMATS:
+        raise SettingsError(f"KRONOS_LOG_FORMAT must be one of {', '.join(_LOG_FORMATS)}, got {log_format!r}")
+    return log_format
 
 
 def _count(environ: Mapping[str, str], variable: str, default: int) -> int:

@@ -1,0 +1,197 @@
+"""kombu's Redis transport, made safe against items on the queue that are not message envelopes.
+
+kombu pops an item (BRPOP), parses it and builds a message from it; when either step raises, the
+exception escapes the worker's event loop and the worker dies ("Unrecoverable error: JSONDecodeError",
+or a KeyError for JSON without `properties`), so one LPUSH of junk by anyone who can write to the queue
+stops a worker. Here such an item is logged and moved to the capped list POISON_KEY for inspection,
+and consuming goes on. Only workers use this transport (`broker_transport`); the item was already
+popped, so nothing is redelivered either way.
+
+It also keeps a worker alive through a broker restart: on connection loss Celery releases the
+connection, and kombu then restores the worker's unacknowledged messages through a transport that
+has already been detached (an AttributeError that Celery's error filter does not catch, so the worker
+died with "Unrecoverable error"). Those messages are still recorded in Redis's `unacked` hash, so the
+visibility-timeout sweep requeues them; QoS below leaves them to it and the worker reconnects.
+
+And it closes kombu's loss window at delivery: kombu pops a message with BRPOP and records it as
+unacknowledged in a second, separate write, so a message popped while Redis shuts down (the pop is
+already in the AOF, the reply never reaches the worker) vanishes. Here one Lua script pops the
+highest-priority message and records it in `unacked`/`unacked_index` exactly as kombu's QoS.append
+does, atomically; if the reply is lost the sweep requeues it. A script cannot block, so after a pop
+that found nothing the channel waits IDLE_WAIT seconds inside Redis (BLPOP on a key nobody writes)
+before popping again: an idle worker picks a new job up within IDLE_WAIT.
+"""
+
+import binascii
+import json
+import logging
+from time import monotonic, time
+
+from kombu.transport import redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+log = logging.getLogger(__name__)
+
+POISON_KEY = "kronos:poison"
+MAX_POISON = 1000
+IDLE_KEY = "kronos:idle"  # never written: BLPOP on it is a wait that the event loop can poll
+IDLE_WAIT = 0.05
+
+# KEYS: the queue's lists in consumption order; ARGV: unacked hash, unacked index, now.
+# The entry is what kombu's QoS.append writes: [raw message, exchange, routing key], the raw JSON kept
+# byte for byte (decoding and re-encoding in Lua would turn empty lists into objects).
+POP_AND_RECORD = """
+for _, key in ipairs(KEYS) do
+  local item = redis.call('RPOP', key)
+  if item then
+    local ok, message = pcall(cjson.decode, item)
+    if ok and type(message) == 'table' and type(message['properties']) == 'table' then
+      local properties = message['properties']
+      local tag = properties['delivery_tag']
+      local info = properties['delivery_info']
+      if type(tag) == 'string' and type(info) == 'table' then
+        local exchange = info['exchange'] or ''
+        local routing_key = info['routing_key'] or ''
+        redis.call('ZADD', ARGV[2], ARGV[3], tag)
+        redis.call('HSET', ARGV[1], tag,
+          '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
+      end
+    end
+    return {key, item}
+  end
+end
+return false
+"""
+
+
+def _raw_item(exc: ValueError) -> str | bytes:
+    # json.JSONDecodeError keeps the document, UnicodeDecodeError the bytes
+    return getattr(exc, "doc", None) or getattr(exc, "object", None) or repr(exc)
+
+
+def _is_envelope(message) -> bool:
+    """The shape kombu's virtual Message needs; anything else raises inside kombu."""
+    properties = message.get("properties") if isinstance(message, dict) else None
+    headers = message.get("headers") if isinstance(message, dict) else None
+    return (
+        isinstance(properties, dict)
+        and "delivery_tag" in properties
+        and isinstance(properties.get("delivery_info", {}), dict)
+        and (headers is None or isinstance(headers, dict))
+        and isinstance(message.get("body", ""), str)
+    )
+
+
+class QoS(redis.QoS):
+    """Acks, rejects and restores that meet a detached channel leave the message where it is, in
+    Redis's `unacked` hash: the sweep requeues it after the visibility timeout, and a job whose result
+    is already stored is then acknowledged without running again (worker_deduplicate_successful_tasks)."""
+
+    def restore_unacked(self, client=None):
+        try:
+            super().restore_unacked(client)
+        except AttributeError as exc:
+            self._left_to_sweep(f"{len(self._delivered)} unacknowledged message(s)", exc)
+
+    def ack(self, delivery_tag):
+        try:
+            super().ack(delivery_tag)
+        except AttributeError as exc:
+            self._left_to_sweep(f"the ack of {delivery_tag}", exc)
+
+    def reject(self, delivery_tag, requeue=False):
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except AttributeError as exc:
+            self._left_to_sweep(f"the reject of {delivery_tag}", exc)
+
+    @staticmethod
+    def _left_to_sweep(what: str, exc: Exception) -> None:
+        log.warning("broker connection already torn down (%s): %s left to the visibility-timeout sweep", exc, what)
+
+
+class Channel(redis.Channel):
+    QoS = QoS
+    _found_nothing = False  # the last pop was empty: wait before the next one
+    _pending = "EVAL"
+
+    def _brpop_start(self, timeout=None):
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        if self._found_nothing:
+            self._pending = "BLPOP"
+            self.client.connection.send_command("BLPOP", IDLE_KEY, IDLE_WAIT)
+            return
+        keys = [self._q_for_pri(queue, priority) for priority in self.priority_steps for queue in queues]
+        self._pending = "EVAL"
+        self.client.connection.send_command(
+            "EVAL", POP_AND_RECORD, len(keys), *keys, self.unacked_key, self.unacked_index_key, time()
+        )
+
+    def _brpop_read(self, **options):
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, self._pending, **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next round reconnects
+                raise
+            waited, self._found_nothing = self._pending == "BLPOP", not reply and self._pending == "EVAL"
+            if waited or not reply:
+                raise redis.Empty()
+            key, item = reply
+            queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            try:
+                message = loads(bytes_to_str(item))
+            except ValueError as exc:
+                self._quarantine(exc)
+                return True
+            self.connection._deliver(message, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _get(self, queue):
+        try:
+            return super()._get(queue)
+        except ValueError as exc:
+            self._quarantine(exc)
+            raise redis.Empty() from None
+
+    def _quarantine(self, exc: ValueError) -> None:
+        self.quarantine(_raw_item(exc), str(exc))
+
+    def quarantine(self, item: str | bytes, reason: str) -> None:
+        log.error("dropped an item that is not a message envelope (kept in %s): %s", POISON_KEY, reason)
+        try:
+            with self.conn_or_acquire() as client, client.pipeline() as pipe:
+                pipe.lpush(POISON_KEY, item)
+                pipe.ltrim(POISON_KEY, 0, MAX_POISON - 1)
+                pipe.execute()
+        except Exception:  # the quarantine is a convenience; consuming must go on
+            log.exception("could not keep the dropped item")
+
+
+class Transport(redis.Transport):
+    Channel = Channel
+
+    def _deliver(self, message, queue):
+        if not _is_envelope(message):
+            self._quarantine_decoded(message, "JSON that is not a message envelope")
+            return
+        try:
+            super()._deliver(message, queue)
+        except binascii.Error as exc:  # a body that is not the base64 its body_encoding says
+            self._quarantine_decoded(message, f"undecodable body: {exc}")
+
+    def _quarantine_decoded(self, message, reason: str) -> None:
+        channel = next(iter(self.channels), None)
+        if channel is None:
+            log.error("dropped an item that is not a message envelope: %s", reason)
+        else:
+            channel.quarantine(json.dumps(message), reason)

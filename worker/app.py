@@ -1,7 +1,7 @@
 """The worker process, wired in one place: `celery -A worker.app worker`.
 
 One process serves one model on one device: it consumes only that model's queue, loads the model once
-before it takes any job (`worker_init`), runs jobs in a threads pool whose threads feed one batching
+before it takes any job (`celeryd_after_setup`), runs jobs in a threads pool whose threads feed one batching
 thread, and releases the model at shutdown. A process that cannot load its model exits with status 3
 and says why; it never consumes a job. `python -m worker.launch` starts one such process per GPU.
 """
@@ -11,18 +11,19 @@ import os
 import sys
 from http.server import ThreadingHTTPServer
 
-import redis
 from celery import signals
 
 from schemas import ErrorCode, JobFailed, Limits
 from tasks.app import app
 from tasks.routing import FORECAST_TASK, PRIORITY_STEPS, queue_for_model
 from tasks.settings import current_settings
-from worker import faults, lifecycle, logs
+from worker import control, faults, lifecycle, logs
 from worker.batching import Batcher, BatchRun
+from worker.circuit import CircuitBreaker
 from worker.deadletters import DeadLetterObserver
 from worker.health import Heartbeat, Readiness, broker_client
-from worker.jobs import JobRunner, is_out_of_memory, make_batch_runner
+from worker.jobs import JobRunner, fault_injector, is_out_of_memory, make_batch_runner, smoke_forecast
+from worker.memory import AdaptiveBatchLimit
 from worker.metrics import WorkerMetrics, serve
 from worker.settings import current_worker_settings
 
@@ -45,8 +46,9 @@ if settings.log_format == "json":
 class _Runtime:
     """What the process holds while it serves: set by start_serving, cleared at worker_shutdown."""
 
-    serving: lifecycle.ServingModel | None = None
+    slot: lifecycle.ServingSlot | None = None
     batcher: Batcher | None = None
+    circuit: CircuitBreaker | None = None
     jobs: JobRunner | None = None
     heartbeat: Heartbeat | None = None
     http: ThreadingHTTPServer | None = None  # /metrics, /healthz, /readyz
@@ -113,23 +115,64 @@ def start_serving(sender, instance, **_):
         metrics.batch_done(run)
         job_log.batch_done(run)
 
+    slot = lifecycle.ServingSlot(serving)
+    batch_limit = AdaptiveBatchLimit(settings.max_batch_size, grow_after=settings.batch_grow_after)
+    metrics.watch_batch_limit(batch_limit)
     batcher = Batcher(
-        make_batch_runner(serving, settings.test_faults),
-        max_batch_size=settings.max_batch_size,
+        make_batch_runner(slot, fault_injector(broker, settings.test_fault_key) if settings.test_faults else None),
+        batch_limit=batch_limit,
         max_wait=settings.max_batch_wait,
         is_out_of_memory=is_out_of_memory,
         on_batch=on_batch,
     )
-    runtime.serving, runtime.batcher = serving, batcher
+    circuit = _circuit_breaker(sender, queue, slot, batcher, readiness, metrics)
+    runtime.slot, runtime.batcher, runtime.circuit = slot, batcher, circuit
     runtime.jobs = JobRunner(
-        serving,
+        slot,
         batcher,
         settings,
         limits,
         max_job_seconds=current_settings().max_job_seconds,
         store_progress=lambda job_id, meta: app.backend.store_result(job_id, meta, "PROGRESS"),
-        observers=[DeadLetterObserver(redis.Redis.from_url(app.conf.broker_url)), metrics, job_log],
+        observers=[DeadLetterObserver(broker), metrics, job_log, circuit],
+        refusal=circuit.refusal,
     )
+    control.serve(_model_updater(slot, limits, metrics))
+
+
+def _circuit_breaker(worker, queue, slot, batcher, readiness, metrics) -> CircuitBreaker:
+    """Opens on consecutive internal failures: this worker leaves its queue to the others until a probe passes."""
+
+    def on_change(reason: str | None) -> None:
+        readiness.circuit_open = reason
+        runtime.heartbeat.beat()
+
+    circuit = CircuitBreaker(
+        threshold=settings.circuit_failures,
+        cooldown=settings.circuit_cooldown,
+        stop_consuming=lambda: app.control.cancel_consumer(queue, destination=[worker], reply=True, timeout=10),
+        resume_consuming=lambda: app.control.add_consumer(queue, destination=[worker], reply=True, timeout=10),
+        probe=lambda: smoke_forecast(slot, batcher, timeout=current_settings().max_job_seconds),
+        on_change=on_change,
+    )
+    metrics.watch_circuit(lambda: circuit.refusal() is not None)
+    return circuit
+
+
+def _model_updater(slot, limits, metrics) -> control.ModelUpdater:
+    """Rolling updates (kronos_load_model): metrics and the heartbeat follow the engine actually served."""
+
+    def on_switched(_previous: lifecycle.ServingModel, serving: lifecycle.ServingModel) -> None:
+        info = serving.engine.info
+        metrics.model_switched(info.predictor, info.predictor_revision)
+        runtime.heartbeat.model_loaded(serving)
+
+    def on_state(update: dict) -> None:
+        if update["state"] != "loading":
+            metrics.model_update_finished(update["state"])
+        runtime.heartbeat.report("model_update", update)
+
+    return control.ModelUpdater(slot, settings, limits.max_pred_len, on_switched, on_state)
 
 
 @signals.worker_ready.connect
@@ -146,13 +189,16 @@ def report_shutting_down(**_):
 
 @signals.worker_shutdown.connect
 def release_model(**_):
+    control.serve(None)
+    if runtime.circuit is not None:
+        runtime.circuit.stop()
     if runtime.heartbeat is not None:
         runtime.heartbeat.stop()
     if runtime.http is not None:
         runtime.http.shutdown()
     if runtime.batcher is not None:
         runtime.batcher.stop(timeout=30)
-    if runtime.serving is not None:
-        lifecycle.release(runtime.serving)
-    runtime.serving = runtime.batcher = runtime.jobs = runtime.heartbeat = runtime.http = None
+    if runtime.slot is not None:
+        lifecycle.release(runtime.slot.current)
+    runtime.slot = runtime.batcher = runtime.circuit = runtime.jobs = runtime.heartbeat = runtime.http = None
     log.info("model released")

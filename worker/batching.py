@@ -8,7 +8,9 @@ Celery, and shares only the arithmetic.
 
 One bad job must not fail its batch: when a batch call raises, the batch is split and re-run (halves
 for out-of-memory, which a smaller batch may cure; one by one for anything else, to find the culprit),
-so only the job that fails on its own gets the error. celery-batches was the other candidate; it pins
+so only the job that fails on its own gets the error. An out-of-memory error also lowers the largest batch
+gathered from then on (worker/memory.py), which grows back after a run of successful batches.
+celery-batches was the other candidate; it pins
 Celery < 5.7 and acknowledges a whole batch even when it raised (shared/notes, section 8).
 """
 
@@ -21,6 +23,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+from worker.memory import AdaptiveBatchLimit
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +70,13 @@ class Batcher:
         self,
         run_batch: RunBatch,
         *,
-        max_batch_size: int,
+        batch_limit: AdaptiveBatchLimit,
         max_wait: float,
         is_out_of_memory: Callable[[BaseException], bool] = lambda exc: False,
         on_batch: Callable[[BatchRun], None] | None = None,
     ):
         self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
+        self.batch_limit = batch_limit
         self.max_wait = max_wait
         self.is_out_of_memory = is_out_of_memory
         self.on_batch = on_batch  # after every successful engine call, before its jobs get their results
@@ -109,7 +113,7 @@ class Batcher:
     def _collect(self, first: WorkItem) -> tuple[list[WorkItem], bool]:
         batch = [first]
         until = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch_size:
+        while len(batch) < self.batch_limit.current:
             try:
                 item = self._queue.get(timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:
@@ -135,10 +139,13 @@ class Batcher:
         try:
             outputs = self.run_batch([item.payload for item in batch], self._progress_fanout(batch))
         except Exception as exc:
+            out_of_memory = self.is_out_of_memory(exc)
+            if out_of_memory:
+                self.batch_limit.out_of_memory(len(batch))
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
                 return
-            if self.is_out_of_memory(exc):
+            if out_of_memory:
                 half = len(batch) // 2
                 log.warning("out of memory at batch size %d; retrying as %d + %d", len(batch), half, len(batch) - half)
                 parts = [batch[:half], batch[half:]]
@@ -149,6 +156,7 @@ class Batcher:
                 self._run_live(part)
             return
         seconds = time.monotonic() - started
+        self.batch_limit.batch_succeeded()
         if self.on_batch is not None:
             run = BatchRun(next(self._batch_ids), tuple(item.job_id for item in batch), seconds)
             try:

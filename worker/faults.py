@@ -10,6 +10,10 @@ runner acts on inside the engine call, exactly where a real failure would surfac
     fault:exit-after-result  on a worker named doomed@..., exits the process once the job's result is
                           stored and before it is acknowledged (a lost ack: the job is delivered again)
 
+A worker-wide fault needs no job: with KRONOS_TEST_FAULT_KEY naming a Redis key (broker DB), every batch
+on that worker, circuit-breaker probes included, raises InjectedFault while the key exists. A test sets
+the key to make a worker fail persistently and deletes it to "fix" the worker.
+
 The worker logs a warning at start when the switch is on. Production never sets it.
 """
 
@@ -61,6 +65,12 @@ def apply(faults: Sequence[tuple[Fault | None, int]], batch_size: int) -> None:
             raise InjectedFault("injected permanent fault")
         elif fault.kind == "oom-above" and batch_size > fault.amount:
             raise SimulatedOutOfMemory(f"simulated out of memory at batch size {batch_size}")
+
+
+def raise_while_key_exists(client, key: str) -> None:
+    """The worker-wide fault: called before every batch when KRONOS_TEST_FAULT_KEY is set."""
+    if client.exists(key):
+        raise InjectedFault(f"injected worker-wide fault (Redis key {key!r} exists)")
 
 
 def exit_after_result(task, result) -> None:

@@ -12,6 +12,7 @@ it imports neither torch nor the worker's Celery app, and starts in well under a
 """
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -52,10 +53,13 @@ class Readiness:
         self.consuming = False
         self.broker_reachable = False
         self.shutting_down = False
+        self.circuit_open: str | None = None  # the circuit breaker's cause while it keeps the worker off jobs
 
     def reason(self) -> str | None:
         if self.shutting_down:
             return "shutting down"
+        if self.circuit_open is not None:
+            return self.circuit_open
         if not self.model_loaded:
             return "model not loaded yet"
         if not self.consuming:
@@ -88,6 +92,8 @@ class Heartbeat:
         self.job_counts = job_counts  # (in flight, done)
         self.started_at = time.time()
         self._model_fields: dict = {}
+        # Fields beyond WorkerHeartbeat's (readers ignore unknown ones), e.g. the last model update.
+        self._extra_fields: dict = {}
         self._lock = threading.Lock()  # beats come from the thread and from lifecycle signals
         self._failing = False
         self._stop = threading.Event()
@@ -109,6 +115,11 @@ class Heartbeat:
         self.readiness.model_loaded = True
         self.beat()
 
+    def report(self, field: str, value) -> None:
+        """Publish `field` (any JSON value) in every heartbeat from now on, starting with one at once."""
+        self._extra_fields[field] = value
+        self.beat()
+
     def consumer_started(self) -> None:
         self.readiness.consuming = True
         self.beat()
@@ -124,7 +135,8 @@ class Heartbeat:
             try:
                 self.client.ping()
                 self.readiness.broker_reachable = True
-                self.client.hset(HEARTBEAT_KEY, self.worker, self._heartbeat().model_dump_json())
+                fields = {**self._heartbeat().model_dump(mode="json"), **self._extra_fields}
+                self.client.hset(HEARTBEAT_KEY, self.worker, json.dumps(fields))
             except redis.RedisError as exc:
                 self.readiness.broker_reachable = False
                 if not self._failing:  # once per outage, not every interval

@@ -4,6 +4,11 @@ Failures are `JobFailed` carrying a structured error. Invalid input, an expired 
 fail at once; retryable codes (INTERNAL, RESOURCE_EXHAUSTED, MODEL_NOT_READY) go back to the queue
 through Celery's own retry, with exponential backoff and jitter, so that each attempt shows as RETRY in
 Flower and the event stream, until KRONOS_MAX_RETRIES is spent and the job fails with its code.
+
+A job pinned to a `model_revision` runs only on an engine of that revision: a worker serving another one
+(before or after a rolling update) answers MODEL_NOT_READY, which is retried, so that a worker holding the
+revision serves it; when the retries are spent it fails with MODEL_NOT_READY. While the worker's circuit
+breaker is open (worker/circuit.py) a job it fetched earlier is rejected back to the queue unstarted.
 """
 
 import logging
@@ -16,8 +21,9 @@ from datetime import UTC, datetime
 
 import torch
 from celery import Task
+from celery.exceptions import Reject
 
-from model import InvalidInputError, PreparedSeries, SeriesForecast, SeriesInput
+from model import InvalidInputError, ModelInfo, PreparedSeries, SeriesForecast, SeriesInput
 from schemas import (
     ErrorCode,
     ForecastRequest,
@@ -29,9 +35,9 @@ from schemas import (
     validate_job,
 )
 from tasks.producer import SENT_AT_HEADER
-from worker import faults
+from worker import faults, lifecycle
 from worker.batching import Batcher, BatchOutcome, DeadlinePassed, WorkItem
-from worker.lifecycle import ServingModel
+from worker.lifecycle import ServingSlot
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -46,15 +52,52 @@ class EngineJob:
     attempt: int
 
 
+@dataclass(frozen=True)
+class ServedBy:
+    """The engine that computed a batch, as its results name it (the served one may change after it)."""
+
+    info: ModelInfo
+    device: str
+    synthetic: bool
+
+
+@dataclass(frozen=True)
+class ServedForecast:
+    """One job's output of a batch."""
+
+    forecast: SeriesForecast
+    served_by: ServedBy
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | faults.SimulatedOutOfMemory)
 
 
-def make_batch_runner(serving: ServingModel, inject_faults: bool) -> Callable:
-    def run_batch(jobs: Sequence[EngineJob], progress) -> list[SeriesForecast]:
-        if inject_faults:
-            faults.apply([(job.fault, job.attempt) for job in jobs], len(jobs))
-        return serving.engine.forecast_prepared([job.prepared for job in jobs], progress=progress)
+FaultHook = Callable[[Sequence[EngineJob]], None]
+
+
+def fault_injector(client, worker_fault_key: str | None) -> FaultHook:
+    """Test-only: acts on a batch's fault directives (and the worker-wide fault key) before the engine runs."""
+
+    def inject(jobs: Sequence[EngineJob]) -> None:
+        if worker_fault_key:
+            faults.raise_while_key_exists(client, worker_fault_key)
+        faults.apply([(job.fault, job.attempt) for job in jobs], len(jobs))
+
+    return inject
+
+
+def make_batch_runner(slot: ServingSlot, inject_faults: FaultHook | None = None) -> Callable:
+    """The Batcher's engine call: it reads the served engine per batch, so a rolling update takes effect
+    between two batches, and each output names the engine that computed it."""
+
+    def run_batch(jobs: Sequence[EngineJob], progress) -> list[ServedForecast]:
+        if inject_faults is not None:
+            inject_faults(jobs)
+        with slot.use() as serving:
+            forecasts = serving.engine.forecast_prepared([job.prepared for job in jobs], progress=progress)
+            served_by = ServedBy(serving.engine.info, serving.device, serving.synthetic)
+        return [ServedForecast(forecast, served_by) for forecast in forecasts]
 
     return run_batch
 
@@ -81,25 +124,32 @@ class JobObserver:
 class JobRunner:
     def __init__(
         self,
-        serving: ServingModel,
+        slot: ServingSlot,
         batcher: Batcher,
         settings: WorkerSettings,
         limits: Limits,
         max_job_seconds: float,
         store_progress: Callable[[str, dict], None],
         observers: Sequence[JobObserver] = (),
+        refusal: Callable[[], str | None] = lambda: None,
     ):
-        self.serving = serving
+        self.slot = slot
         self.batcher = batcher
         self.settings = settings
         self.limits = limits
         self.max_job_seconds = max_job_seconds
         self.store_progress = store_progress
         self.observers = observers
+        self.refusal = refusal  # why this worker must not start jobs now (its circuit is open), or None
 
     def run(self, task: Task, payload) -> dict:
-        """The task body: the result as JSON, or raise JobFailed, or Celery's Retry."""
+        """The task body: the result as JSON, or raise JobFailed, or Celery's Retry, or Reject."""
         job_id = task.request.id
+        refused = self.refusal()
+        if refused is not None:
+            # Back to the head of the queue, unstarted and without spending a retry, for a healthy worker.
+            log.warning("job %s: not started here (%s); returned to the queue", job_id, refused)
+            raise Reject(refused, requeue=True)
         self._notify("job_started", task)
         try:
             result = self._run(task, payload, job_id)
@@ -153,6 +203,15 @@ class JobRunner:
             on_progress=self._progress_reporter(job_id),
         )
         outcome = self._wait(self.batcher.submit(item))
+        served_by = outcome.output.served_by
+        if request.model_revision is not None and request.model_revision != served_by.info.predictor_revision:
+            # the worker switched revisions between this job's check and its batch: a pin is never broken
+            raise JobFailed.of(
+                ErrorCode.MODEL_NOT_READY,
+                f"model_revision: {request.model_revision} was replaced by {served_by.info.predictor_revision} "
+                "while the job waited for its batch",
+                field="model_revision",
+            )
         finished = time.time()
         queue_wait = None if sent_at is None else max(0.0, started - sent_at)
         timings = {
@@ -162,14 +221,15 @@ class JobRunner:
             "inference": outcome.inference_seconds,
             "total": finished - (started if sent_at is None else min(sent_at, started)),
         }
-        return build_result(request, job_id, outcome, self.serving, task.request.hostname or "", timings)
+        return build_result(request, job_id, outcome, task.request.hostname or "", timings)
 
     def _check_model(self, request: ForecastRequest) -> None:
-        info = self.serving.engine.info
-        if request.model != self.serving.name:
+        serving = self.slot.current
+        info = serving.engine.info
+        if request.model != serving.name:
             raise JobFailed.of(
                 ErrorCode.INVALID_INPUT,
-                f"model: {request.model!r} is not served on this queue (it serves {self.serving.name!r})",
+                f"model: {request.model!r} is not served on this queue (it serves {serving.name!r})",
                 field="model",
             )
         if request.model_revision is not None and request.model_revision != info.predictor_revision:
@@ -193,7 +253,7 @@ class JobRunner:
             return_paths=request.return_paths,
         )
         try:
-            return self.serving.engine.prepare(series)
+            return self.slot.current.engine.prepare(series)
         except InvalidInputError as exc:
             raise JobFailed.of(ErrorCode.INVALID_INPUT, str(exc), field=exc.field) from None
 
@@ -239,10 +299,11 @@ def _sent_at(task: Task) -> float | None:
 
 
 def build_result(
-    request: ForecastRequest, job_id: str, outcome: BatchOutcome, serving: ServingModel, worker: str, timings: dict
+    request: ForecastRequest, job_id: str, outcome: BatchOutcome, worker: str, timings: dict
 ) -> ForecastResult:
-    forecast: SeriesForecast = outcome.output
-    info = serving.engine.info
+    output: ServedForecast = outcome.output
+    forecast, served_by = output.forecast, output.served_by
+    info = served_by.info
     columns = list(forecast.mean.columns)
     paths = None
     if forecast.paths is not None:
@@ -265,9 +326,17 @@ def build_result(
         sample_count=request.sample_count,
         seed=forecast.seed,
         worker=worker,
-        device=serving.device,
+        device=served_by.device,
         batch_size=outcome.batch_size,
         timings=timings,
         finished_at=datetime.now(UTC),
-        synthetic_model=serving.synthetic,
+        synthetic_model=served_by.synthetic,
     )
+
+
+def smoke_forecast(slot: ServingSlot, batcher: Batcher, timeout: float) -> None:
+    """A small forecast through the batcher and the served engine, as a job's would run (test faults
+    included); raises unless it produces a finite forecast. The circuit breaker's probe."""
+    prepared = slot.current.engine.prepare(lifecycle.smoke_series())
+    item = WorkItem(EngineJob(prepared, None, 0), "smoke-forecast", steps=prepared.future.size)
+    lifecycle.check_forecast([batcher.submit(item).result(timeout=timeout).output.forecast])

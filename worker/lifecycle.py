@@ -1,15 +1,24 @@
-"""Model lifecycle: load once per worker process, before it takes jobs; release at shutdown."""
+"""Model lifecycle: load once per worker process, before it takes jobs; swap on a rolling update; release.
+
+The engine being served lives in a ServingSlot. The batching thread holds the slot while an engine call
+runs, so a new engine (loaded and smoke-tested beside the old one) replaces it only between batches.
+"""
 
 import gc
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from model import KronosEngine, ModelLoadError
+from model import KronosEngine, ModelLoadError, SeriesInput
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,60 @@ def release(serving: ServingModel) -> None:
     """Drop the weights and hand cached GPU memory back to the driver."""
     device = serving.engine.device
     del serving.engine
+    free_unreferenced_memory(device)
+
+
+def free_unreferenced_memory(device: torch.device) -> None:
+    """Collect engines nothing references any more and return their cached GPU memory to the driver."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class ServingSlot:
+    """The engine this process serves now. `use()` holds it for one engine call; `swap()` waits for that
+    call to end, so a batch never sees its engine change or get released under it."""
+
+    def __init__(self, serving: ServingModel):
+        self._serving = serving
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> ServingModel:
+        return self._serving
+
+    @contextmanager
+    def use(self) -> Iterator[ServingModel]:
+        with self._lock:
+            yield self._serving
+
+    def swap(self, serving: ServingModel) -> ServingModel:
+        """Serve `serving` from the next batch on; returns the one it replaces."""
+        with self._lock:
+            previous, self._serving = self._serving, serving
+        return previous
+
+
+def smoke_series(pred_len: int = 2) -> SeriesInput:
+    """A small, fixed series of plausible candles: enough to prove that an engine produces a forecast."""
+    steps = np.arange(64)
+    close = 100 + 2 * np.sin(steps / 5) + steps * 0.05
+    open_ = np.concatenate([[close[0]], close[:-1]])
+    candles = pd.DataFrame(
+        {
+            "open": open_,
+            "high": np.maximum(open_, close) + 0.3,
+            "low": np.minimum(open_, close) - 0.3,
+            "close": close,
+            "volume": 1000 + 50 * np.cos(steps / 3),
+        }
+    )
+    stamps = pd.date_range("2024-01-02 09:30", periods=len(steps) + pred_len, freq="5min")
+    return SeriesInput(candles, stamps[len(steps) :], timestamps=stamps[: len(steps)], seed=7)
+
+
+def check_forecast(forecasts) -> None:
+    """Raises unless the smoke forecast is a finite path of the asked length."""
+    mean = forecasts[0].mean
+    if len(mean) != 2 or not np.isfinite(mean.to_numpy(dtype=float)).all():
+        raise RuntimeError(f"smoke forecast is not a finite 2-step path: {mean.to_dict('list')}")

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import redis
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -30,6 +30,7 @@ from prometheus_client.process_collector import ProcessCollector
 from schemas import ErrorCode, ForecastResult, JobError
 from worker.batching import BatchRun
 from worker.jobs import JobObserver
+from worker.memory import AdaptiveBatchLimit
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,25 @@ class WorkerMetrics(JobObserver):
             ["model", "queue"],
             **on,
         )
+        self.model_updates = Counter(
+            "kronos_model_updates",
+            "Model updates (kronos_load_model) by outcome: serving (switched) or failed (old model kept).",
+            ["model", "outcome"],
+            **on,
+        )
+        self.circuit_open = Gauge(
+            "kronos_circuit_open",
+            "1 while the circuit breaker keeps this process off its queue after consecutive internal failures.",
+            ["model"],
+            **on,
+        )
         # Present from the start, so rate() and error ratios read 0 rather than nothing before the first event.
         self.jobs.labels(model, "succeeded", "")
         for code in ErrorCode:
             self.jobs.labels(model, "failed", code.value)
         self.in_flight.labels(model).set(0)
+        for outcome in ("serving", "failed"):
+            self.model_updates.labels(model, outcome)
         self._lock = threading.Lock()
         self._running = 0
         self._done = 0
@@ -113,10 +128,27 @@ class WorkerMetrics(JobObserver):
         self.registry.register(QueueDepthCollector(client, [self.queue], priority_steps))
 
     def record_model(self, model_id: str, revision: str | None, device: torch.device, load_seconds: float) -> None:
-        self.model_loaded.labels(self.model, model_id, revision or "", str(device)).set(1)
+        self._model_labels = (self.model, model_id, revision or "", str(device))
+        self.model_loaded.labels(*self._model_labels).set(1)
         self.load_seconds.labels(self.model).set(load_seconds)
         if device.type == "cuda":
             self.registry.register(GpuMemoryCollector(device))
+
+    def model_switched(self, model_id: str, revision: str | None) -> None:
+        """A rolling update replaced the served engine (on the same device): only the new one is loaded."""
+        _, _, _, device = self._model_labels
+        self.model_loaded.remove(*self._model_labels)
+        self._model_labels = (self.model, model_id, revision or "", device)
+        self.model_loaded.labels(*self._model_labels).set(1)
+
+    def model_update_finished(self, outcome: str) -> None:
+        self.model_updates.labels(self.model, outcome).inc()
+
+    def watch_circuit(self, is_open: Callable[[], bool]) -> None:
+        self.circuit_open.labels(self.model).set_function(lambda: 1 if is_open() else 0)
+
+    def watch_batch_limit(self, limit: AdaptiveBatchLimit) -> None:
+        self.registry.register(BatchLimitCollector(self.model, limit))
 
     def job_counts(self) -> tuple[int, int]:
         """(jobs running now, jobs finished for good since start), for the heartbeat."""
@@ -155,6 +187,34 @@ class WorkerMetrics(JobObserver):
             self._running -= 1
             if final:
                 self._done += 1
+
+
+class BatchLimitCollector:
+    """The adaptive batch limit (worker/memory.py) and its out-of-memory count, read at scrape time."""
+
+    def __init__(self, model: str, limit: AdaptiveBatchLimit):
+        self.model = model
+        self.limit = limit
+
+    def describe(self):
+        return self._families()
+
+    def collect(self):
+        limit, out_of_memory = self._families()
+        limit.add_metric([self.model], self.limit.current)
+        out_of_memory.add_metric([self.model], self.limit.out_of_memory_count)
+        return [limit, out_of_memory]
+
+    @staticmethod
+    def _families() -> list:
+        return [
+            GaugeMetricFamily(
+                "kronos_batch_limit",
+                "Largest batch gathered now: KRONOS_MAX_BATCH_SIZE, halved after out-of-memory, grown back.",
+                labels=["model"],
+            ),
+            CounterMetricFamily("kronos_oom", "Engine calls that ran out of memory.", labels=["model"]),
+        ]
 
 
 class QueueDepthCollector:

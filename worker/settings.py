@@ -41,6 +41,10 @@ class WorkerSettings:
     retry_backoff_max: float
     progress_interval: float  # seconds between progress writes of one job
     test_faults: bool
+    test_fault_key: str | None  # Redis key whose existence fails every batch (worker/faults.py); tests only
+    circuit_failures: int  # different jobs failing internally in a row that open the circuit breaker; 0: never
+    circuit_cooldown: float  # seconds between the circuit opening (or a failed probe) and the next probe
+    batch_grow_after: int  # successful batches after which a lowered batch limit doubles again
     metrics_port: int  # this process's /metrics port (base + GPU index); 0: no HTTP endpoint
     metrics_address: str
     heartbeat_interval: float  # seconds
@@ -82,6 +86,10 @@ def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSetti
         retry_backoff_max=max(backoff, env_positive_seconds(environ, "KRONOS_RETRY_BACKOFF_MAX", 60.0)),
         progress_interval=env_positive_seconds(environ, "KRONOS_PROGRESS_INTERVAL", 1.0),
         test_faults=env_raw(environ, "KRONOS_TEST_FAULTS") == "1",
+        test_fault_key=env_raw(environ, "KRONOS_TEST_FAULT_KEY"),
+        circuit_failures=_count(environ, "KRONOS_CIRCUIT_FAILURES", 5),
+        circuit_cooldown=env_positive_seconds(environ, "KRONOS_CIRCUIT_COOLDOWN", 30.0),
+        batch_grow_after=env_whole_number(environ, "KRONOS_BATCH_GROW_AFTER", 50),
         metrics_port=_metrics_port(environ, device),
         metrics_address=env_raw(environ, "KRONOS_METRICS_ADDRESS") or "0.0.0.0",
         heartbeat_interval=env_positive_seconds(environ, "KRONOS_HEARTBEAT_INTERVAL", 10.0),

@@ -239,3 +239,25 @@ def test_batch_limit_halves_on_out_of_memory_and_doubles_after_a_run_of_successe
         assert limit.current == expected
     limit.out_of_memory(1)
     assert limit.current == 1
+
+
+def test_batch_limit_grows_back_at_once_when_free_memory_recovers():
+    free = {"bytes": 1_000}
+    limit = AdaptiveBatchLimit(16, grow_after=100, free_memory=lambda: free["bytes"])
+    limit.out_of_memory(16)  # 1000 bytes free when it ran out
+    assert limit.current == 8
+    free["bytes"] = 1_200  # not yet recovered: no growth before 100 successes
+    limit.batch_succeeded()
+    assert limit.current == 8
+    free["bytes"] = 1_600  # recovered (>= 1.5 x): the next success doubles the limit
+    limit.batch_succeeded()
+    assert limit.current == 16
+
+
+def test_free_memory_of_a_cpu_worker_is_the_hosts_available_memory():
+    import torch
+
+    from worker.memory import free_memory_of
+
+    available = free_memory_of(torch.device("cpu"))()
+    assert available is not None and available > 0

@@ -23,7 +23,7 @@ from worker.circuit import CircuitBreaker
 from worker.deadletters import DeadLetterObserver
 from worker.health import Heartbeat, Readiness, broker_client
 from worker.jobs import JobRunner, fault_injector, is_out_of_memory, make_batch_runner, smoke_forecast
-from worker.memory import AdaptiveBatchLimit
+from worker.memory import AdaptiveBatchLimit, free_memory_of
 from worker.metrics import WorkerMetrics, serve
 from worker.settings import current_worker_settings
 
@@ -116,7 +116,9 @@ def start_serving(sender, instance, **_):
         job_log.batch_done(run)
 
     slot = lifecycle.ServingSlot(serving)
-    batch_limit = AdaptiveBatchLimit(settings.max_batch_size, grow_after=settings.batch_grow_after)
+    batch_limit = AdaptiveBatchLimit(
+        settings.max_batch_size, grow_after=settings.batch_grow_after, free_memory=free_memory_of(serving.engine.device)
+    )
     metrics.watch_batch_limit(batch_limit)
     batcher = Batcher(
         make_batch_runner(slot, fault_injector(broker, settings.test_fault_key) if settings.test_faults else None),

@@ -45,17 +45,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """One query per row over its visible keys: q [B, H, 1, D], k, v [B, H, S, D], visible [B, S] -> [B, H, 1, D].
-
-    For a single query the plain product reads each key and value once, as a fused kernel would, and on
-    CPU it is 1.5-2.5x faster than scaled_dot_product_attention's kernel at 16 rows (docs/ENGINE.md).
-    The softmax runs in float32 whatever the weights' precision."""
-    scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
-    weights = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
-    return weights.to(v.dtype) @ v
-
-
 class KVCache:
     """Preallocated keys and values of one attention layer: no copy per generated token."""
 
@@ -106,7 +95,10 @@ class Attention(nn.Module):
         cache.write_token(positions, k, v)
         span = int(positions.max()) + 1
         visible = torch.arange(span, device=x.device) <= positions[:, None]  # [B, span]
-        return self.merge_heads(attend_one(q, cache.k[:, :, :span], cache.v[:, :, :span], visible))
+        out = F.scaled_dot_product_attention(
+            q, cache.k[:, :, :span], cache.v[:, :, :span], attn_mask=visible[:, None, None, :]
+        )
+        return self.merge_heads(out)
 
 
 class FeedForward(nn.Module):
@@ -291,7 +283,9 @@ class KronosPredictor(nn.Module):
         q = attn.split_heads(attn.q_proj(self.embedding.emb_s1(s1))[:, None])  # [B, 4, 1, d/4]
         span = int(window_lengths.max())
         visible = torch.arange(span, device=s1.device) < window_lengths[:, None]  # [B, span]
-        out = attend_one(q, caches.cross.k[:, :, :span], caches.cross.v[:, :, :span], visible)
+        out = F.scaled_dot_product_attention(
+            q, caches.cross.k[:, :, :span], caches.cross.v[:, :, :span], attn_mask=visible[:, None, None, :]
+        )
         attended = attn.merge_heads(out)[:, 0]  # [B, d]
         return self.head.proj_s2(self.dep_layer.norm(h_last + attended)).float()
 

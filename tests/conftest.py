@@ -22,6 +22,13 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    """A redis-server of the test module's own, for modules that run a worker against it."""
+    with RedisServer() as redis_server:
+        yield redis_server
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """DB 0 of the session server, emptied (all DBs) before the test."""

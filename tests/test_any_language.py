@@ -2,15 +2,13 @@
 against a real redis-server and worker: the same request gives the same forecast as the Python client."""
 
 import json
-import os
 import shutil
 import subprocess
 
 import kronos_cases as kc
 import numpy as np
 import pytest
-from redis_server import RedisServer
-from worker_process import REPO_ROOT, WorkerProcess, worker_env
+from worker_process import REPO_ROOT, WorkerProcess, serving_env
 
 from schemas import ForecastRequest, ForecastResult
 from tasks.client import KronosClient
@@ -24,19 +22,8 @@ GREEDY = {"pred_len": 8, "top_k": 1, "top_p": 1.0}
 
 
 @pytest.fixture(scope="module")
-def server():
-    with RedisServer() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture(scope="module")
 def env(server):
-    return worker_env(
-        dict(os.environ),
-        KRONOS_BROKER_URL=server.url(0),
-        KRONOS_RESULT_BACKEND=server.url(1),
-        PYTHONPATH=str(REPO_ROOT),
-    )
+    return serving_env(server)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The `kronos-worker` command (tasks/cli.py), run as a subprocess against a real redis-server and worker."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,26 +10,17 @@ from importlib.metadata import entry_points
 import kronos_cases as kc
 import numpy as np
 import pytest
-from redis_server import RedisServer, free_port
-from worker_process import REPO_ROOT, WorkerProcess, worker_env
+from redis_server import free_port
+from worker_process import REPO_ROOT, WorkerProcess, serving_env
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server():
-    with RedisServer() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture(scope="module")
 def env(server):
-    return worker_env(
-        dict(os.environ),
-        KRONOS_BROKER_URL=server.url(0),
-        KRONOS_RESULT_BACKEND=server.url(1),
+    return serving_env(
+        server,
         KRONOS_PROGRESS_INTERVAL="0.001",
-        PYTHONPATH=str(REPO_ROOT),
     )
 
 

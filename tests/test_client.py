@@ -9,8 +9,8 @@ import kronos_cases as kc
 import pandas as pd
 import pytest
 from kombu.exceptions import OperationalError as KombuOperationalError
-from redis_server import RedisServer, free_port
-from worker_process import REPO_ROOT, WorkerProcess, worker_env
+from redis_server import free_port
+from worker_process import REPO_ROOT, WorkerProcess, serving_env
 
 from schemas import ForecastResult
 from tasks.client import (
@@ -30,19 +30,10 @@ UNSERVED_MODEL = "kronos-base"  # a queue no test worker consumes: jobs sent the
 
 
 @pytest.fixture(scope="module")
-def server():
-    with RedisServer() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture(scope="module")
 def env(server):
-    return worker_env(
-        dict(os.environ),
-        KRONOS_BROKER_URL=server.url(0),
-        KRONOS_RESULT_BACKEND=server.url(1),
+    return serving_env(
+        server,
         KRONOS_PROGRESS_INTERVAL="0.001",
-        PYTHONPATH=str(REPO_ROOT),
     )
 
 

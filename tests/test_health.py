@@ -1,6 +1,5 @@
 """Heartbeats of real workers in Redis, and `python -m worker.health` as a container health check runs it."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -9,8 +8,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from redis_server import RedisServer, free_port
-from worker_process import REPO_ROOT, WorkerProcess, worker_env
+from redis_server import free_port
+from worker_process import REPO_ROOT, WorkerProcess, serving_env
 
 from schemas import HEARTBEAT_KEY, WorkerHeartbeat
 from worker.health import assess
@@ -20,20 +19,11 @@ HOST = socket.gethostname()
 
 
 @pytest.fixture(scope="module")
-def server():
-    with RedisServer() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture(scope="module")
 def env(server):
-    return worker_env(
-        dict(os.environ),
-        KRONOS_BROKER_URL=server.url(0),
-        KRONOS_RESULT_BACKEND=server.url(1),
+    return serving_env(
+        server,
         KRONOS_HEARTBEAT_INTERVAL=str(INTERVAL),
         KRONOS_METRICS_ADDRESS="127.0.0.1",
-        PYTHONPATH=str(REPO_ROOT),
     )
 
 

@@ -1,7 +1,6 @@
 """A real worker's /metrics while it serves jobs, its JSON log lines, and the metric pieces on their own."""
 
 import json
-import os
 import time
 import urllib.request
 
@@ -11,7 +10,7 @@ from celery import Celery
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer, free_port
-from worker_process import REPO_ROOT, WorkerProcess, worker_env
+from worker_process import WorkerProcess, serving_env
 
 from schemas import ErrorCode, ForecastRequest, JobFailed
 from tasks.producer import submit
@@ -27,29 +26,20 @@ CONCURRENCY = 2  # two jobs held at a time, so that later ones wait in Redis whe
 
 
 @pytest.fixture(scope="module")
-def server():
-    with RedisServer() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture(scope="module")
 def port():
     return free_port()
 
 
 @pytest.fixture(scope="module")
 def env(server, port):
-    return worker_env(
-        dict(os.environ),
-        KRONOS_BROKER_URL=server.url(0),
-        KRONOS_RESULT_BACKEND=server.url(1),
+    return serving_env(
+        server,
         KRONOS_METRICS_PORT=str(port),
         KRONOS_METRICS_ADDRESS="127.0.0.1",
         KRONOS_CONCURRENCY=str(CONCURRENCY),
         KRONOS_MAX_BATCH_SIZE="4",
         KRONOS_MAX_RETRIES="1",
         KRONOS_HEARTBEAT_INTERVAL="1",
-        PYTHONPATH=str(REPO_ROOT),
     )
 
 

@@ -19,7 +19,7 @@ from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_server import RedisServer
-from worker_process import REPO_ROOT, WorkerProcess, worker_env
+from worker_process import REPO_ROOT, WorkerProcess, producer_app, worker_env
 
 from schemas import ForecastRequest, JobFailed
 from tasks.producer import submit
@@ -47,13 +47,8 @@ def reliable_env(server: RedisServer, **overrides) -> dict[str, str]:
 
 
 def producer(env: dict[str, str]) -> Celery:
-    app = Celery("producer")
-    app.config_from_object("celeryconfig")
-    app.conf.update(
-        broker_url=env["KRONOS_BROKER_URL"],
-        result_backend=env["KRONOS_RESULT_BACKEND"],
-        broker_transport_options={**app.conf.broker_transport_options, "visibility_timeout": VISIBILITY},
-    )
+    app = producer_app(env)
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "visibility_timeout": VISIBILITY}
     return app
 
 

@@ -14,9 +14,8 @@ import kronos_cases as kc
 import numpy as np
 import pandas as pd
 import pytest
-from celery import Celery
-from redis_server import RedisServer, free_port
-from worker_process import REPO_ROOT, WorkerProcess, worker_env
+from redis_server import free_port
+from worker_process import REPO_ROOT, WorkerProcess, producer_app, serving_env
 
 from model import SeriesInput
 from schemas import ForecastRequest, ForecastResult, JobFailed
@@ -29,23 +28,12 @@ MAX_RETRIES = 2
 
 
 @pytest.fixture(scope="module")
-def server():
-    with RedisServer() as redis_server:
-        yield redis_server
-
-
-@pytest.fixture(scope="module")
 def env(server):
-    import os
-
-    return worker_env(
-        dict(os.environ),
-        KRONOS_BROKER_URL=server.url(0),
-        KRONOS_RESULT_BACKEND=server.url(1),
+    return serving_env(
+        server,
         KRONOS_MAX_RETRIES=str(MAX_RETRIES),
         KRONOS_MAX_BATCH_SIZE="8",
         KRONOS_PROGRESS_INTERVAL="0.001",
-        PYTHONPATH=str(REPO_ROOT),
     )
 
 
@@ -58,9 +46,7 @@ def worker(env):
 @pytest.fixture(scope="module")
 def app(env):
     """A producer's Celery app pointed at the test server (the import-time app reads this process's env)."""
-    producer = Celery("kronos-producer")
-    producer.config_from_object("celeryconfig")
-    producer.conf.update(broker_url=env["KRONOS_BROKER_URL"], result_backend=env["KRONOS_RESULT_BACKEND"])
+    producer = producer_app(env)
     yield producer
     producer.close()
 

@@ -4,9 +4,8 @@ import os
 
 import kronos_cases as kc
 import pytest
-from celery import Celery
 from redis_server import RedisServer
-from worker_process import REPO_ROOT, WorkerProcess, worker_env
+from worker_process import REPO_ROOT, WorkerProcess, producer_app, worker_env
 
 from schemas import ForecastRequest
 from tasks.producer import submit
@@ -40,9 +39,7 @@ def test_worker_that_cannot_load_its_model_exits_without_taking_jobs(tmp_path, o
             HF_HOME=str(tmp_path / "hf"),
             **overrides,
         )
-        producer = Celery("producer")
-        producer.config_from_object("celeryconfig")
-        producer.conf.update(broker_url=env["KRONOS_BROKER_URL"], result_backend=env["KRONOS_RESULT_BACKEND"])
+        producer = producer_app(env)
         frame = kc.candles().iloc[:64]
         job = submit(ForecastRequest.from_frame(frame, series_id="waits", pred_len=4), celery_app=producer)
         assert queued(server) == 1

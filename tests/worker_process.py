@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from celery import Celery
 from kronos_cases import PARITY
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,25 @@ def worker_env(base: dict[str, str], **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
+
+
+def serving_env(server, **overrides: str) -> dict[str, str]:
+    """worker_env for a worker on a test RedisServer: broker on DB 0, results on DB 1, code from this checkout."""
+    return worker_env(
+        dict(os.environ),
+        KRONOS_BROKER_URL=server.url(0),
+        KRONOS_RESULT_BACKEND=server.url(1),
+        PYTHONPATH=str(REPO_ROOT),
+        **overrides,
+    )
+
+
+def producer_app(env: dict[str, str], **conf) -> Celery:
+    """A producer's Celery app on the env's Redis (the import-time tasks.app reads this process's env)."""
+    app = Celery("kronos-producer")
+    app.config_from_object("celeryconfig")
+    app.conf.update(broker_url=env["KRONOS_BROKER_URL"], result_backend=env["KRONOS_RESULT_BACKEND"], **conf)
+    return app
 
 
 class WorkerProcess:

@@ -7,6 +7,7 @@ A reader counts a heartbeat older than STALE_AFTER intervals as a worker that is
 """
 
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +37,11 @@ class WorkerHeartbeat(BaseModel):
     jobs_in_flight: int = 0
     jobs_done: int = 0
     synthetic_model: bool = False
+    model_update: dict[str, Any] | None = Field(
+        None,
+        description="The last rolling model update this worker was told to make: id, state (loading, switched, "
+        "failed, refused), target model and revision, error when it failed, finished_at.",
+    )
 
     def is_stale(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) - self.updated_at > STALE_AFTER * self.interval

@@ -29,6 +29,25 @@ def server() -> Iterator[RedisServer]:
         yield redis_server
 
 
+@pytest.fixture(scope="module")
+def worker(env: dict[str, str]):
+    """A real worker process on the module's `server`, configured by the module's own `env` fixture."""
+    # imported here: the harness loads torch, which must see OMP_NUM_THREADS set above
+    from worker_process import WorkerProcess
+
+    with WorkerProcess(env) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server: RedisServer):
+    """The Python producer client on the module's `server`."""
+    from tasks.client import KronosClient
+
+    with KronosClient(server.url(0), server.url(1)) as kronos:
+        yield kronos
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """DB 0 of the session server, emptied (all DBs) before the test."""

@@ -8,10 +8,9 @@ import subprocess
 import kronos_cases as kc
 import numpy as np
 import pytest
-from worker_process import REPO_ROOT, WorkerProcess, serving_env
+from worker_process import REPO_ROOT, serving_env
 
 from schemas import ForecastRequest, ForecastResult
-from tasks.client import KronosClient
 
 pytestmark = pytest.mark.integration
 
@@ -24,18 +23,6 @@ GREEDY = {"pred_len": 8, "top_k": 1, "top_p": 1.0}
 @pytest.fixture(scope="module")
 def env(server):
     return serving_env(server)
-
-
-@pytest.fixture(scope="module")
-def worker(env):
-    with WorkerProcess(env) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with KronosClient(server.url(0), server.url(1)) as kronos:
-        yield kronos
 
 
 @pytest.fixture(scope="module")

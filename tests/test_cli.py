@@ -11,7 +11,7 @@ import kronos_cases as kc
 import numpy as np
 import pytest
 from redis_server import free_port
-from worker_process import REPO_ROOT, WorkerProcess, serving_env
+from worker_process import REPO_ROOT, serving_env
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +22,6 @@ def env(server):
         server,
         KRONOS_PROGRESS_INTERVAL="0.001",
     )
-
-
-@pytest.fixture(scope="module")
-def worker(env):
-    with WorkerProcess(env) as process:
-        yield process
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis_server import free_port
-from worker_process import REPO_ROOT, WorkerProcess, serving_env
+from worker_process import REPO_ROOT, serving_env
 
 from schemas import ForecastResult
 from tasks.client import (
@@ -35,18 +35,6 @@ def env(server):
         server,
         KRONOS_PROGRESS_INTERVAL="0.001",
     )
-
-
-@pytest.fixture(scope="module")
-def worker(env):
-    with WorkerProcess(env) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with KronosClient(server.url(0), server.url(1)) as kronos:
-        yield kronos
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from celery import Celery
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer, free_port
-from worker_process import WorkerProcess, serving_env
+from worker_process import serving_env
 
 from schemas import ErrorCode, ForecastRequest, JobFailed
 from tasks.producer import submit
@@ -41,12 +41,6 @@ def env(server, port):
         KRONOS_MAX_RETRIES="1",
         KRONOS_HEARTBEAT_INTERVAL="1",
     )
-
-
-@pytest.fixture(scope="module")
-def worker(env):
-    with WorkerProcess(env) as process:
-        yield process
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from redis_server import free_port
-from worker_process import REPO_ROOT, WorkerProcess, producer_app, serving_env
+from worker_process import REPO_ROOT, producer_app, serving_env
 
 from model import SeriesInput
 from schemas import ForecastRequest, ForecastResult, JobFailed
@@ -35,12 +35,6 @@ def env(server):
         KRONOS_MAX_BATCH_SIZE="8",
         KRONOS_PROGRESS_INTERVAL="0.001",
     )
-
-
-@pytest.fixture(scope="module")
-def worker(env):
-    with WorkerProcess(env) as process:
-        yield process
 
 
 @pytest.fixture(scope="module")

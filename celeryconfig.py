@@ -6,12 +6,16 @@ Variables: docs/CONFIGURATION.md. No torch and no worker/model imports here: pro
 """
 
 from tasks import routing
+from tasks.connections import ssl_options
 from tasks.settings import current_settings
 
 _settings = current_settings()
 
 broker_url = _settings.broker_url
 result_backend = _settings.result_backend
+# rediss:// URLs: verify the server (kombu alone would accept any certificate) and present our client certificate.
+broker_use_ssl = ssl_options(_settings, broker_url)
+redis_backend_use_ssl = ssl_options(_settings, result_backend)
 
 # JSON only: a pickle payload from anyone able to write to Redis would run code inside the worker.
 task_serializer = "json"
@@ -66,8 +70,8 @@ broker_transport_options = {
     # kombu sweeps only on every Nth interval (default 10); 1 makes the interval the actual sweep period.
     "unacked_restore_throttle": 1,
     "priority_steps": list(routing.PRIORITY_STEPS),
-    # A worker serving several queues drains them in its -Q order, not round-robin.
-    "queue_order_strategy": "priority",
+    # A worker serving several producers' queues takes turns between them (worker/transport.py: fairness).
+    "queue_order_strategy": "round_robin",
     # Without a socket timeout a command on a half-open connection (failover, NAT drop) waits forever.
     "socket_timeout": _settings.socket_timeout,
     "socket_connect_timeout": _settings.socket_connect_timeout,
@@ -83,6 +87,6 @@ redis_backend_health_check_interval = _settings.health_check_interval
 
 task_queues = routing.forecast_queues(_settings)
 task_routes = (routing.ForecastRouter(_settings),)
-task_default_queue = routing.queue_for_model(_settings.default_model, _settings)
+task_default_queue = routing.default_queue(_settings)
 # A queue name that is not a served model's raises at send time instead of filling a queue nobody reads.
 task_create_missing_queues = False

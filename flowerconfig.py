@@ -10,12 +10,19 @@ KRONOS_FLOWER_* variables (docs/CONFIGURATION.md); Flower's own --options and FL
 - State persists (tasks, workers, counters) in KRONOS_FLOWER_DB, saved every KRONOS_FLOWER_STATE_SAVE_INTERVAL
   seconds and at shutdown, so a restarted Flower still lists recent jobs.
 - The tasks page shows each job's series id, model and horizon, never its candles: `format_task` below.
+- Flower never sweeps unacknowledged jobs back into the queues (tasks/monitor_transport.py): the workers do.
 """
 
 import os
 import re
 
+from kombu.transport import TRANSPORT_ALIASES
 from tornado.options import options as _given  # what the command line and FLOWER_* set before this file
+
+# Read before Flower connects: it watches and leaves the requeueing of unacknowledged jobs to the workers,
+# so it can run as the read-mostly kronos-monitor Redis user (ops/redis_acl.py). The URL scheme stays
+# redis(s)://, which Flower's broker page needs.
+TRANSPORT_ALIASES.update(dict.fromkeys(("redis", "rediss"), "tasks.monitor_transport:Transport"))
 
 address = os.environ.get("KRONOS_FLOWER_ADDRESS", "").strip() or "127.0.0.1"
 port = int(os.environ.get("KRONOS_FLOWER_PORT", "").strip() or 5555)

@@ -21,7 +21,8 @@ class WorkerHeartbeat(BaseModel):
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     worker: str = Field(description="Celery hostname, e.g. gpu0@host.")
-    queue: str
+    queue: str = Field(description="The queue it consumes; the first of `queues` when it serves several producers.")
+    queues: list[str] = Field(default_factory=list, description="Every queue it consumes, one per producer served.")
     model: str = Field(description="Model name served, e.g. kronos-small.")
     model_id: str | None = None
     model_revision: str | None = None

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
-from uuid import uuid4
 
 import pandas as pd
 import redis
@@ -58,8 +57,17 @@ from schemas import (
 )
 from schemas.candles import TIMESTAMP_COLUMNS
 from schemas.error_translation import job_error_from_validation
+from tasks.connections import redis_client, ssl_options
 from tasks.producer import submit as send_job
-from tasks.routing import PRIORITY_STEPS, queue_for_model
+from tasks.routing import (
+    PRIORITY_STEPS,
+    ForecastRouter,
+    default_queue,
+    forecast_queues,
+    producer_job_id,
+    queue_for_model,
+    serving_queues,
+)
 from tasks.settings import KronosSettings, load_settings
 
 __all__ = [
@@ -162,8 +170,10 @@ class JobStatus:
 class KronosClient:
     """Submit and follow forecast jobs. Use as a context manager, or call close()."""
 
-    def __init__(self, broker_url: str | None = None, result_backend: str | None = None):
+    def __init__(self, broker_url: str | None = None, result_backend: str | None = None, producer: str | None = None):
         environ = dict(os.environ)
+        if producer:
+            environ["KRONOS_PRODUCER"] = producer
         if broker_url:
             environ["KRONOS_BROKER_URL"] = broker_url
             # Results go next to the broker given here, not to a backend configured for another Redis.
@@ -174,7 +184,16 @@ class KronosClient:
         self._result_variable = "KRONOS_RESULT_BACKEND" if environ.get("KRONOS_RESULT_BACKEND") else "KRONOS_BROKER_URL"
         self.app = Celery("kronos-client")
         self.app.config_from_object("celeryconfig")
-        self.app.conf.update(broker_url=self.settings.broker_url, result_backend=self.settings.result_backend)
+        # This client's settings, not the process's: its own URLs, producer and models decide the queues.
+        self.app.conf.update(
+            broker_url=self.settings.broker_url,
+            result_backend=self.settings.result_backend,
+            task_queues=forecast_queues(self.settings),
+            task_default_queue=default_queue(self.settings),
+            task_routes=(ForecastRouter(self.settings),),
+            broker_use_ssl=ssl_options(self.settings, self.settings.broker_url),
+            redis_backend_use_ssl=ssl_options(self.settings, self.settings.result_backend),
+        )
         self.results = _redis_client(self.settings.result_backend, self.settings)
         self.broker = _redis_client(self.settings.broker_url, self.settings)
 
@@ -216,7 +235,9 @@ class KronosClient:
         return [self._send(request) for request in requests]
 
     def job(self, job_id: str) -> ForecastJob:
-        """A handle on a job submitted by any process; JobNotFound if the id is unknown or expired."""
+        """A handle on a job submitted by any process; JobNotFound if the id is unknown or expired.
+        A producer's ids may be given with or without its "<producer>:" prefix."""
+        job_id = producer_job_id(job_id, self.settings.producer)
         if not self._is_known(job_id):
             raise JobNotFound(job_id, self.settings.result_expires)
         return ForecastJob(self, job_id)
@@ -235,8 +256,14 @@ class KronosClient:
         return sorted(heartbeats, key=lambda heartbeat: heartbeat.worker)
 
     def queue_depths(self) -> dict[str, int]:
-        """Jobs waiting in each served model's queue, over all its priority lists."""
-        queues = [queue_for_model(model, self.settings) for model in self.settings.models]
+        """Jobs waiting in each served model's queue, over all its priority lists: this producer's own queues
+        when KRONOS_PRODUCER is set, else every producer's (KRONOS_PRODUCERS) or the shared ones."""
+        settings = self.settings
+        queues = [
+            queue
+            for model in settings.models
+            for queue in ([queue_for_model(model, settings)] if settings.producer else serving_queues(model, settings))
+        ]
         with self._reaching(self.settings.broker_url, "KRONOS_BROKER_URL"), self.broker.pipeline() as pipe:
             for queue in queues:
                 for priority in PRIORITY_STEPS:
@@ -257,7 +284,7 @@ class KronosClient:
             checked_candles(candles, "the frame") if isinstance(candles, pd.DataFrame) else read_candles_csv(candles)
         )
         # The id is chosen here, not by the producer, so the job record can be written before the send.
-        job_id = job_id or str(uuid4())
+        job_id = producer_job_id(job_id, self.settings.producer)
         default_series_id = job_id if isinstance(candles, pd.DataFrame) else Path(candles).stem
         document = {
             "job_id": job_id,
@@ -286,7 +313,7 @@ class KronosClient:
             return ForecastJob(self, job_id, duplicate=True)
         try:
             with self._reaching(self.settings.broker_url, "KRONOS_BROKER_URL"):
-                send_job(request, celery_app=self.app)
+                send_job(request, celery_app=self.app, settings=self.settings)
         except Exception:
             # Nothing was queued: let a retry with the same id send it.
             with self._reaching_results():
@@ -518,8 +545,9 @@ def redact(url: str) -> str:
 
 
 def _redis_client(url: str, settings: KronosSettings) -> redis.Redis:
-    return redis.Redis.from_url(
+    return redis_client(
         url,
+        settings,
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.socket_connect_timeout,
         # A producer should hear of a Redis outage within a second, not after redis-py's default retries.

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from schemas.heartbeat import HEARTBEAT_KEY, WorkerHeartbeat
 from tasks.app import app
-from tasks.routing import queue_for_model
+from tasks.connections import redis_client
 from tasks.settings import current_settings
 
 LOAD_COMMAND = "kronos_load_model"
@@ -31,15 +31,15 @@ REPLY_SECONDS = 10.0  # per control reply: the commands answer at once, the load
 POLL_SECONDS = 0.5
 
 
-def queue_workers(client: redis.Redis, queue: str, now: float) -> list[str]:
-    """Workers whose fresh heartbeat says they consume `queue`, by name."""
+def model_workers(client: redis.Redis, model: str, now: float) -> list[str]:
+    """Workers whose fresh heartbeat says they serve `model`, by name."""
     workers = []
     for raw in client.hgetall(HEARTBEAT_KEY).values():
         try:
             heartbeat = WorkerHeartbeat.model_validate_json(raw)
         except ValidationError:  # not a worker this version can address; `python -m worker.health` names it
             continue
-        if heartbeat.queue == queue and not heartbeat.is_stale(now):
+        if heartbeat.model == model and not heartbeat.is_stale(now):
             workers.append(heartbeat.worker)
     return sorted(workers)
 
@@ -106,16 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = current_settings()
-    try:
-        queue = queue_for_model(args.model, settings)
-    except ValueError as exc:
-        parser.error(str(exc))
+    if args.model not in settings.models:
+        parser.error(f"unknown model {args.model!r}; served models (KRONOS_MODELS): {', '.join(settings.models)}")
     workers = args.worker
     if not workers:
-        with redis.Redis.from_url(settings.broker_url) as client:
-            workers = queue_workers(client, queue, time.time())
+        with redis_client(settings.broker_url, settings) as client:
+            workers = model_workers(client, args.model, time.time())
     if not workers:
-        print(f"no worker of {queue} has a fresh heartbeat", file=sys.stderr)
+        print(f"no worker of {args.model} has a fresh heartbeat", file=sys.stderr)
         return 1
     arguments = {"model": args.model, "predictor": args.predictor, "revision": args.revision}
     outcomes = roll(app, workers, arguments, args.wait, args.timeout)

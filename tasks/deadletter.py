@@ -79,6 +79,8 @@ def requeue(client: redis.Redis, app: Celery, job_id: str) -> DeadLetter:
 
 def main(argv: list[str] | None = None) -> int:
     from tasks.app import app
+    from tasks.connections import redis_client
+    from tasks.settings import current_settings
 
     parser = argparse.ArgumentParser(prog="python -m tasks.deadletter", description="Inspect and requeue dead letters.")
     parser.add_argument("action", choices=["list", "show", "requeue", "drop"])
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.action != "list" and not args.job_id:
         parser.error(f"{args.action} needs a JOB_ID")
-    client = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
+    client = redis_client(app.conf.broker_url, current_settings(), decode_responses=True)
     try:
         if args.action == "list":
             letters = [letter for _, letter in entries(client)]

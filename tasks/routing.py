@@ -7,10 +7,18 @@ Producers send FORECAST_TASK by name, naming the model either as the `model` key
     app.send_task(FORECAST_TASK, args=[request.model_dump(mode="json")])
 
 ForecastRouter puts it on queue_for_model(model); a job naming no model goes to KRONOS_DEFAULT_MODEL's queue.
+
+Producer identities. A deployment that lists its producers (KRONOS_PRODUCERS) gives each its own queue per
+model, "<prefix>.<model>.<producer>", which only that producer's Redis ACL user may push to (ops/redis_acl.py).
+A worker consumes every producer's queue of its model, round-robin, and takes a job's producer from the queue
+the job was popped from: the one identity a producer cannot forge. A producer process names itself with
+KRONOS_PRODUCER. Without KRONOS_PRODUCERS there is one shared queue per model, "<prefix>.<model>", and no
+identities (a trusted network: SECURITY.md).
 """
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+from uuid import uuid4
 
 from kombu import Exchange, Queue
 
@@ -27,19 +35,60 @@ PRIORITY_STEPS = tuple(range(10))
 DEFAULT_PRIORITY = 5
 
 
-def queue_for_model(model: str, settings: KronosSettings | None = None) -> str:
-    """The queue name for a served model, e.g. "kronos.kronos-small"; ValueError for any other model."""
+def queue_for_model(model: str, settings: KronosSettings | None = None, producer: str | None = None) -> str:
+    """The queue a producer's jobs for a served model go to: "kronos.kronos-small" (shared queues) or
+    "kronos.kronos-small.<producer>"; `producer` defaults to KRONOS_PRODUCER. ValueError for another model."""
     settings = settings or current_settings()
     if model not in settings.models:
         raise ValueError(f"unknown model {model!r}; served models (KRONOS_MODELS): {', '.join(settings.models)}")
-    return f"{settings.queue_prefix}.{model}"
+    producer = producer or settings.producer
+    if producer is None:
+        if settings.producers:
+            raise ValueError(
+                "KRONOS_PRODUCERS is set, so every job belongs to a producer: set KRONOS_PRODUCER to this one's name"
+            )
+        return f"{settings.queue_prefix}.{model}"
+    return f"{settings.queue_prefix}.{model}.{producer}"
+
+
+def serving_queues(model: str, settings: KronosSettings | None = None) -> dict[str, str | None]:
+    """The queues a worker of `model` consumes, each with the producer whose jobs it holds (None: shared)."""
+    settings = settings or current_settings()
+    if not settings.producers:
+        return {queue_for_model(model, settings): None}
+    return {queue_for_model(model, settings, producer): producer for producer in settings.producers}
+
+
+def job_id_prefix(producer: str | None) -> str:
+    """What every job id of a producer starts with: its result keys are "celery-task-meta-<producer>:*"."""
+    return f"{producer}:" if producer else ""
+
+
+def producer_job_id(job_id: str | None, producer: str | None) -> str:
+    """A job id in the producer's namespace: `job_id` (a new UUID when None) with the producer's prefix,
+    unless it has it already, so that a caller may use its ids with or without the prefix."""
+    prefix = job_id_prefix(producer)
+    job_id = job_id or str(uuid4())
+    return job_id if job_id.startswith(prefix) else prefix + job_id
 
 
 def forecast_queues(settings: KronosSettings | None = None) -> tuple[Queue, ...]:
-    """One kombu Queue per served model (Redis has no x-max-priority: see PRIORITY_STEPS instead)."""
+    """The kombu Queues this process may use: the producer's own (KRONOS_PRODUCER) and, for a worker, every
+    listed producer's, per served model (Redis has no x-max-priority: see PRIORITY_STEPS instead)."""
     settings = settings or current_settings()
-    names = [queue_for_model(model, settings) for model in settings.models]
+    names: dict[str, None] = {}
+    for model in settings.models:
+        if settings.producer:
+            names[queue_for_model(model, settings)] = None
+        if settings.producers or not settings.producer:
+            names.update(dict.fromkeys(serving_queues(model, settings)))
     return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names)
+
+
+def default_queue(settings: KronosSettings) -> str:
+    """Celery's task_default_queue: the default model's queue of this producer, or of the first one listed."""
+    producer = settings.producer or (settings.producers[0] if settings.producers else None)
+    return queue_for_model(settings.default_model, settings, producer)
 
 
 class ForecastRouter:
@@ -60,7 +109,8 @@ class ForecastRouter:
         task: Any = None,
         **_: Any,
     ) -> dict[str, Any] | None:
-        if name != FORECAST_TASK:
+        if name != FORECAST_TASK or options.get("queue") or options.get("routing_key"):
+            # a destination given (a worker's retry goes back to the queue it came from): it wins anyway
             return None
         model = model_of_job(args or (), kwargs or {}) or self.settings.default_model
         return {"queue": queue_for_model(model, self.settings), "priority": DEFAULT_PRIORITY}

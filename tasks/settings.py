@@ -7,9 +7,10 @@ An unset or blank variable takes its default; an invalid one raises SettingsErro
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 RESULT_BACKEND_DB = 1
@@ -20,6 +21,9 @@ VISIBILITY_MARGIN_SECONDS = 60
 
 # Names end up in Redis keys and in `celery worker -Q` lists: keep them free of separators and spaces.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A producer name is also its Redis ACL user and the prefix of its job ids ("<producer>:<id>"): no dots,
+# so that one producer's key patterns can never match another's ("a" vs "a.b").
+PRODUCER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # Our transport options (visibility timeout, priority steps, socket timeouts) are kombu-Redis specific.
 _REDIS_SCHEMES = ("redis", "rediss")
 
@@ -30,8 +34,9 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class KronosSettings:
-    broker_url: str
-    result_backend: str
+    # repr=False: the URLs may carry a password
+    broker_url: str = field(repr=False)
+    result_backend: str = field(repr=False)
     result_expires: int
     max_job_seconds: int
     visibility_timeout: int
@@ -43,6 +48,11 @@ class KronosSettings:
     socket_timeout: float
     socket_connect_timeout: float
     health_check_interval: int
+    producer: str | None = None  # who this process enqueues as (KRONOS_PRODUCER); None: the shared queues
+    producers: tuple[str, ...] = ()  # the producers a worker serves (KRONOS_PRODUCERS); (): the shared queues
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
@@ -61,9 +71,24 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
     default_model = env_name(environ, "KRONOS_DEFAULT_MODEL", "kronos-small")
     if default_model not in models:
         raise SettingsError(f"KRONOS_DEFAULT_MODEL {default_model!r} is not one of KRONOS_MODELS ({', '.join(models)})")
+    result_backend = env_redis_url(environ, "KRONOS_RESULT_BACKEND", _with_db(broker_url, RESULT_BACKEND_DB))
+    password = env_secret_file(environ, "KRONOS_REDIS_PASSWORD_FILE")
+    if password is not None:
+        broker_url = _with_password(broker_url, password, "KRONOS_BROKER_URL")
+        result_backend = _with_password(result_backend, password, "KRONOS_RESULT_BACKEND")
+    tls_files = {
+        name: env_readable_file(environ, f"KRONOS_REDIS_TLS_{name.upper()}_FILE") for name in ("ca", "cert", "key")
+    }
+    if any(tls_files.values()) and not (_is_tls(broker_url) and _is_tls(result_backend)):
+        raise SettingsError(
+            "KRONOS_REDIS_TLS_*_FILE are set but KRONOS_BROKER_URL/KRONOS_RESULT_BACKEND are not rediss:// URLs: "
+            "the certificates would be ignored and the connection would not be encrypted"
+        )
+    if bool(tls_files["cert"]) != bool(tls_files["key"]):
+        raise SettingsError("KRONOS_REDIS_TLS_CERT_FILE and KRONOS_REDIS_TLS_KEY_FILE go together: set both or neither")
     return KronosSettings(
         broker_url=broker_url,
-        result_backend=env_redis_url(environ, "KRONOS_RESULT_BACKEND", _with_db(broker_url, RESULT_BACKEND_DB)),
+        result_backend=result_backend,
         result_expires=env_whole_seconds(environ, "KRONOS_RESULT_EXPIRES", 86400),
         max_job_seconds=max_job_seconds,
         visibility_timeout=visibility_timeout,
@@ -75,6 +100,11 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
         socket_timeout=env_positive_seconds(environ, "KRONOS_SOCKET_TIMEOUT", 30.0),
         socket_connect_timeout=env_positive_seconds(environ, "KRONOS_SOCKET_CONNECT_TIMEOUT", 5.0),
         health_check_interval=env_whole_seconds(environ, "KRONOS_HEALTH_CHECK_INTERVAL", 25),
+        producer=env_producer(environ, "KRONOS_PRODUCER"),
+        producers=env_producers(environ, "KRONOS_PRODUCERS"),
+        tls_ca_file=tls_files["ca"],
+        tls_cert_file=tls_files["cert"],
+        tls_key_file=tls_files["key"],
     )
 
 
@@ -140,6 +170,45 @@ def env_names(environ: Mapping[str, str], variable: str, default: tuple[str, ...
     return names
 
 
+def env_producer(environ: Mapping[str, str], variable: str) -> str | None:
+    raw = env_raw(environ, variable)
+    if raw is not None and not PRODUCER_PATTERN.fullmatch(raw):
+        raise SettingsError(f"{variable} must match {PRODUCER_PATTERN.pattern} (no dots), got {raw!r}")
+    return raw
+
+
+def env_producers(environ: Mapping[str, str], variable: str) -> tuple[str, ...]:
+    raw = env_raw(environ, variable)
+    if raw is None:
+        return ()
+    names = tuple(item.strip() for item in raw.split(","))
+    bad = [name for name in names if not PRODUCER_PATTERN.fullmatch(name)]
+    if bad:
+        raise SettingsError(f"{variable}: {', '.join(map(repr, bad))} must match {PRODUCER_PATTERN.pattern} (no dots)")
+    if len(set(names)) != len(names):
+        raise SettingsError(f"{variable} lists a producer twice: {raw!r}")
+    return names
+
+
+def env_readable_file(environ: Mapping[str, str], variable: str) -> str | None:
+    raw = env_raw(environ, variable)
+    if raw is not None and not os.access(raw, os.R_OK):
+        raise SettingsError(f"{variable}: cannot read {raw!r}")
+    return raw
+
+
+def env_secret_file(environ: Mapping[str, str], variable: str) -> str | None:
+    """The first line of the file a variable names (a Docker or Kubernetes secret), never the value itself."""
+    path = env_readable_file(environ, variable)
+    if path is None:
+        return None
+    lines = Path(path).read_text().strip().splitlines()
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise SettingsError(f"{variable}: {path!r} is empty")
+    return secret
+
+
 def env_redis_url(environ: Mapping[str, str], variable: str, default: str) -> str:
     raw = env_raw(environ, variable)
     if raw is None:
@@ -151,6 +220,22 @@ def env_redis_url(environ: Mapping[str, str], variable: str, default: str) -> st
             f"{variable} must be a {' or '.join(s + '://' for s in _REDIS_SCHEMES)} URL, got scheme {scheme!r}"
         )
     return raw
+
+
+def _is_tls(redis_url: str) -> bool:
+    return urlsplit(redis_url).scheme == "rediss"
+
+
+def _with_password(redis_url: str, password: str, variable: str) -> str:
+    parts = urlsplit(redis_url)
+    if parts.password:
+        raise SettingsError(f"{variable} carries a password and KRONOS_REDIS_PASSWORD_FILE is set: keep one")
+    # urlsplit leaves the user as written, percent-escapes included: unescape before quoting it again.
+    user = quote(unquote(parts.username or "default"), safe="")
+    host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _with_db(redis_url: str, db: int) -> str:

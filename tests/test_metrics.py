@@ -210,7 +210,7 @@ def test_queue_depth_counts_every_priority_step_and_survives_redis_down():
 
 
 def test_a_job_that_fails_for_good_is_counted_once_and_leaves_flight():
-    metrics = WorkerMetrics("kronos-small", QUEUE, CollectorRegistry())
+    metrics = WorkerMetrics("kronos-small", [QUEUE], CollectorRegistry())
 
     def body(self):
         """Never run: the task only carries a request, as in a pool thread."""

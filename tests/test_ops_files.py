@@ -304,9 +304,12 @@ def compose() -> dict:
 
 def test_compose_services_and_profiles(compose):
     services = compose["services"]
-    assert set(services) == {"redis", "worker-gpu", "worker-cpu", "preload", "flower", "prometheus", "grafana"}
+    assert set(services) == {
+        "redis-acl", "redis", "worker-gpu", "worker-cpu", "preload", "flower", "prometheus", "grafana"
+    }  # fmt: skip
     assert services["worker-cpu"]["profiles"] == ["cpu"] and services["preload"]["profiles"] == ["preload"]
-    assert all("profiles" not in services[name] for name in ("redis", "worker-gpu", "flower", "prometheus", "grafana"))
+    always = ("redis-acl", "redis", "worker-gpu", "flower", "prometheus", "grafana")
+    assert all("profiles" not in services[name] for name in always)
     for name, service in services.items():
         limits = service["deploy"]["resources"]["limits"]
         assert limits["memory"] and limits["cpus"], name
@@ -332,7 +335,26 @@ def test_compose_redis_persists_and_never_evicts(compose):
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
-    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -qE 'PONG|NOAUTH'"]
+
+
+def test_compose_redis_runs_with_the_generated_acl_and_every_client_has_its_user(compose):
+    services = compose["services"]
+    generator = services["redis-acl"]
+    assert generator["entrypoint"][:2] == ["python", "/opt/kronos/redis_acl.py"] and generator["network_mode"] == "none"
+    command = services["redis"]["command"]
+    assert command[command.index("--aclfile") + 1] == "/acl/users.acl"
+    assert services["redis"]["depends_on"]["redis-acl"]["condition"] == "service_completed_successfully"
+    for name, user in (("worker-gpu", "kronos-worker"), ("worker-cpu", "kronos-worker"), ("flower", "kronos-monitor")):
+        environment = services[name]["environment"]
+        assert environment["KRONOS_BROKER_URL"] == f"redis://{user}@redis:6379/0", name
+        assert environment["KRONOS_REDIS_PASSWORD_FILE"] == f"/run/secrets/redis-{user}.password", name
+        assert services[name]["secrets"] == [f"redis-{user}.password"], name
+    assert all(
+        "password" not in str(value).lower() or "FILE" in key or key.startswith(("KRONOS_FLOWER", "GF_"))
+        for service in services.values()
+        for key, value in (service.get("environment") or {}).items()
+    )
 
 
 def test_compose_workers_outlast_their_longest_job(compose):
@@ -354,7 +376,7 @@ def test_compose_flower_requires_credentials_and_preload_fills_the_cache(compose
     assert any(volume.endswith(":/data") for volume in flower["volumes"])
     preload = compose["services"]["preload"]
     assert preload["entrypoint"] == ["python", "/opt/kronos/preload.py"] and "models:/models" in preload["volumes"]
-    assert "COPY ops/preload.py /opt/kronos/preload.py" in (REPO_ROOT / "Dockerfile.worker").read_text()
+    assert "COPY ops/preload.py ops/redis_acl.py /opt/kronos/" in (REPO_ROOT / "Dockerfile.worker").read_text()
 
 
 def compose_cli() -> list[str] | None:
@@ -369,12 +391,14 @@ def compose_cli() -> list[str] | None:
 @pytest.mark.skipif(compose_cli() is None, reason="neither `docker compose` nor docker-compose is installed")
 def test_compose_config_validates_and_demands_secrets():
     command = [*compose_cli(), "-f", str(COMPOSE), "--profile", "cpu", "--profile", "preload", "config", "-q"]
-    base = {k: v for k, v in os.environ.items() if k not in ("KRONOS_FLOWER_BASIC_AUTH", "GRAFANA_ADMIN_PASSWORD")}
-    secrets = {"KRONOS_FLOWER_BASIC_AUTH": "ops:pw", "GRAFANA_ADMIN_PASSWORD": "pw"}
-    ok = subprocess.run(command, env={**base, **secrets}, capture_output=True, text=True, timeout=60)
+    required = {"KRONOS_FLOWER_BASIC_AUTH": "ops:pw", "GRAFANA_ADMIN_PASSWORD": "pw", "KRONOS_PRODUCERS": "reports"}
+    base = {k: v for k, v in os.environ.items() if k not in required}
+    ok = subprocess.run(command, env={**base, **required}, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    missing = subprocess.run(command, env=base, capture_output=True, text=True, timeout=60)
-    assert missing.returncode != 0 and "KRONOS_FLOWER_BASIC_AUTH" in missing.stderr
+    for name in required:
+        unset = {key: value for key, value in required.items() if key != name}
+        missing = subprocess.run(command, env={**base, **unset}, capture_output=True, text=True, timeout=60)
+        assert missing.returncode != 0 and name in missing.stderr, name
 
 
 def test_compose_variables_are_documented():

@@ -1,6 +1,7 @@
 """The worker process, wired in one place: `celery -A worker.app worker`.
 
-One process serves one model on one device: it consumes only that model's queue, loads the model once
+One process serves one model on one device: it consumes only that model's queues (the shared one, or one per
+producer: tasks/routing.py), loads the model once
 before it takes any job (`celeryd_after_setup`), runs jobs in a threads pool whose threads feed one batching
 thread, and releases the model at shutdown. A process that cannot load its model exits with status 3
 and says why; it never consumes a job. `python -m worker.launch` starts one such process per GPU.
@@ -15,9 +16,9 @@ from celery import signals
 
 from schemas import ErrorCode, JobFailed, Limits
 from tasks.app import app
-from tasks.routing import FORECAST_TASK, PRIORITY_STEPS, queue_for_model
+from tasks.routing import FORECAST_TASK, PRIORITY_STEPS, serving_queues
 from tasks.settings import current_settings
-from worker import control, faults, lifecycle, logs
+from worker import control, faults, lifecycle, logs, transport
 from worker.batching import Batcher, BatchRun
 from worker.circuit import CircuitBreaker
 from worker.deadletters import DeadLetterObserver
@@ -25,6 +26,7 @@ from worker.health import Heartbeat, Readiness, broker_client
 from worker.jobs import JobRunner, fault_injector, is_out_of_memory, make_batch_runner, smoke_forecast
 from worker.memory import AdaptiveBatchLimit, free_memory_of
 from worker.metrics import WorkerMetrics, serve
+from worker.quotas import ProducerQuotas
 from worker.settings import current_worker_settings
 
 log = logging.getLogger("kronos.worker")
@@ -73,8 +75,8 @@ def forecast(self, *args, **kwargs):
 @signals.celeryd_after_setup.connect
 def start_serving(sender, instance, **_):
     """Runs once logging is set up and before the consumer starts: nothing is fetched until this returns."""
-    queue = queue_for_model(settings.model)
-    instance.app.amqp.queues.select([queue])
+    queues = serving_queues(settings.model)  # queue -> the producer whose jobs it holds
+    instance.app.amqp.queues.select(list(queues))
     pool = getattr(instance, "pool_cls", None)
     if pool is not None and "thread" not in str(pool):
         log.critical("the Kronos worker needs the threads pool (-P threads), got %s", pool)
@@ -85,11 +87,12 @@ def start_serving(sender, instance, **_):
         signals.task_success.connect(lambda sender, result, **_: faults.exit_after_result(sender, result), weak=False)
     # Heartbeat and probes start first, so that a long model download shows as "not ready", not as absent.
     broker = broker_client(current_settings())
-    metrics, job_log, readiness = WorkerMetrics(settings.model, queue), logs.JobLog(), Readiness()
+    metrics, job_log, readiness = WorkerMetrics(settings.model, list(queues)), logs.JobLog(), Readiness()
     metrics.watch_readiness(lambda: readiness.reason() is None)
     metrics.watch_queue_depth(broker, PRIORITY_STEPS)
+    transport.on_refused = metrics.message_refused
     runtime.heartbeat = Heartbeat(
-        broker, worker=sender, queue=queue, model=settings.model, interval=settings.heartbeat_interval,
+        broker, worker=sender, queues=list(queues), model=settings.model, interval=settings.heartbeat_interval,
         readiness=readiness, job_counts=metrics.job_counts,
     )  # fmt: skip
     runtime.heartbeat.start()
@@ -104,9 +107,9 @@ def start_serving(sender, instance, **_):
         sys.exit(EXIT_MODEL_NOT_LOADED)
     info = serving.engine.info
     log.info(
-        "serving %s from queue %s; model loaded: %s rev %s, tokenizer %s rev %s, device %s, %.2f s, pid %d",
-        settings.model, queue, info.predictor, info.predictor_revision, info.tokenizer, info.tokenizer_revision,
-        serving.device, serving.load_seconds, os.getpid(),
+        "serving %s from %s; model loaded: %s rev %s, tokenizer %s rev %s, device %s, %.2f s, pid %d",
+        settings.model, ", ".join(queues), info.predictor, info.predictor_revision, info.tokenizer,
+        info.tokenizer_revision, serving.device, serving.load_seconds, os.getpid(),
     )  # fmt: skip
     metrics.record_model(info.predictor, info.predictor_revision, serving.engine.device, serving.load_seconds)
     runtime.heartbeat.model_loaded(serving)
@@ -127,7 +130,7 @@ def start_serving(sender, instance, **_):
         is_out_of_memory=is_out_of_memory,
         on_batch=on_batch,
     )
-    circuit = _circuit_breaker(sender, queue, slot, batcher, readiness, metrics)
+    circuit = _circuit_breaker(sender, list(queues), slot, batcher, readiness, metrics)
     runtime.slot, runtime.batcher, runtime.circuit = slot, batcher, circuit
     runtime.jobs = JobRunner(
         slot,
@@ -138,12 +141,21 @@ def start_serving(sender, instance, **_):
         store_progress=lambda job_id, meta: app.backend.store_result(job_id, meta, "PROGRESS"),
         observers=[DeadLetterObserver(broker), metrics, job_log, circuit],
         refusal=circuit.refusal,
+        quotas=ProducerQuotas(broker, settings.quotas, reservation_ttl=current_settings().visibility_timeout),
+        producer_of=lambda task: queues.get((task.request.delivery_info or {}).get("routing_key")),
     )
     control.serve(_model_updater(slot, limits, metrics))
 
 
-def _circuit_breaker(worker, queue, slot, batcher, readiness, metrics) -> CircuitBreaker:
-    """Opens on consecutive internal failures: this worker leaves its queue to the others until a probe passes."""
+def _circuit_breaker(worker, queues, slot, batcher, readiness, metrics) -> CircuitBreaker:
+    """Opens on consecutive internal failures: this worker leaves its queues to the others until a probe passes."""
+
+    def consume(command):
+        def switch() -> None:
+            for queue in queues:
+                command(queue, destination=[worker], reply=True, timeout=10)
+
+        return switch
 
     def on_change(reason: str | None) -> None:
         readiness.circuit_open = reason
@@ -152,8 +164,8 @@ def _circuit_breaker(worker, queue, slot, batcher, readiness, metrics) -> Circui
     circuit = CircuitBreaker(
         threshold=settings.circuit_failures,
         cooldown=settings.circuit_cooldown,
-        stop_consuming=lambda: app.control.cancel_consumer(queue, destination=[worker], reply=True, timeout=10),
-        resume_consuming=lambda: app.control.add_consumer(queue, destination=[worker], reply=True, timeout=10),
+        stop_consuming=consume(app.control.cancel_consumer),
+        resume_consuming=consume(app.control.add_consumer),
         probe=lambda: smoke_forecast(slot, batcher, timeout=current_settings().max_job_seconds),
         on_change=on_change,
     )

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import redis
@@ -37,8 +37,12 @@ CHECK_TIMEOUT_SECONDS = 5.0  # per Redis call of the health check, well inside D
 
 def broker_client(settings: "KronosSettings", timeout: float | None = None) -> redis.Redis:
     """A redis-py client on the broker's DB, with the deployment's socket timeouts unless `timeout` is given."""
-    return redis.Redis.from_url(
+    # Imported here for the reason read_heartbeats gives: importing the tasks package validates every KRONOS_*.
+    from tasks.connections import redis_client
+
+    return redis_client(
         settings.broker_url,
+        settings,
         socket_timeout=timeout or settings.socket_timeout,
         socket_connect_timeout=timeout or settings.socket_connect_timeout,
         health_check_interval=settings.health_check_interval,
@@ -77,7 +81,7 @@ class Heartbeat:
         client: redis.Redis,
         *,
         worker: str,
-        queue: str,
+        queues: Sequence[str],
         model: str,
         interval: float,
         readiness: Readiness,
@@ -85,7 +89,7 @@ class Heartbeat:
     ):
         self.client = client
         self.worker = worker
-        self.queue = queue
+        self.queues = list(queues)
         self.model = model
         self.interval = interval
         self.readiness = readiness
@@ -163,7 +167,8 @@ class Heartbeat:
         reason = self.readiness.reason()
         return WorkerHeartbeat(
             worker=self.worker,
-            queue=self.queue,
+            queue=self.queues[0],
+            queues=self.queues,
             model=self.model,
             **self._model_fields,
             ready=reason is None,

@@ -9,6 +9,9 @@ A job pinned to a `model_revision` runs only on an engine of that revision: a wo
 (before or after a rolling update) answers MODEL_NOT_READY, which is retried, so that a worker holding the
 revision serves it; when the retries are spent it fails with MODEL_NOT_READY. While the worker's circuit
 breaker is open (worker/circuit.py) a job it fetched earlier is rejected back to the queue unstarted.
+
+A job from a producer's queue is first charged to that producer's quota (worker/quotas.py): over it, the job
+fails with RATE_LIMITED, or is sent back to its queue to run at its reserved slot, keeping its retry count.
 """
 
 import logging
@@ -21,7 +24,7 @@ from datetime import UTC, datetime
 
 import torch
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
 from model import InvalidInputError, ModelInfo, PreparedSeries, SeriesForecast, SeriesInput
 from schemas import (
@@ -38,6 +41,7 @@ from tasks.producer import SENT_AT_HEADER
 from worker import faults, lifecycle
 from worker.batching import Batcher, BatchOutcome, DeadlinePassed, WorkItem
 from worker.lifecycle import ServingSlot
+from worker.quotas import ADMITTED, RESERVED, ProducerQuotas
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -120,6 +124,18 @@ class JobObserver:
     def job_failed(self, task: Task, payload, error: JobError, will_retry: bool) -> None:
         """It failed with `error`; `will_retry` when it goes back to the queue for another attempt."""
 
+    def job_over_quota(self, task: Task, producer: str, action: str) -> None:
+        """It was over `producer`'s quota and was "rejected" (then job_failed follows) or "delayed"."""
+
+
+class QuotaWait(Exception):
+    """The job holds a token `seconds` from now: run it then."""
+
+    def __init__(self, seconds: float, error: JobError):
+        super().__init__(seconds, error)
+        self.seconds = seconds
+        self.error = error
+
 
 class JobRunner:
     def __init__(
@@ -132,6 +148,8 @@ class JobRunner:
         store_progress: Callable[[str, dict], None],
         observers: Sequence[JobObserver] = (),
         refusal: Callable[[], str | None] = lambda: None,
+        quotas: ProducerQuotas | None = None,
+        producer_of: Callable[[Task], str | None] = lambda task: None,
     ):
         self.slot = slot
         self.batcher = batcher
@@ -141,6 +159,8 @@ class JobRunner:
         self.store_progress = store_progress
         self.observers = observers
         self.refusal = refusal  # why this worker must not start jobs now (its circuit is open), or None
+        self.quotas = quotas
+        self.producer_of = producer_of  # the producer whose queue the job came from; None on shared queues
 
     def run(self, task: Task, payload) -> dict:
         """The task body: the result as JSON, or raise JobFailed, or Celery's Retry, or Reject."""
@@ -152,7 +172,10 @@ class JobRunner:
             raise Reject(refused, requeue=True)
         self._notify("job_started", task)
         try:
+            self._charge_quota(task, job_id)
             result = self._run(task, payload, job_id)
+        except QuotaWait as wait:
+            raise self._delay(task, payload, wait) from None
         except JobFailed as failure:
             error = failure.error if failure.error.job_id else failure.error.model_copy(update={"job_id": job_id})
             raise self._retry_or_fail(task, payload, JobFailed(error)) from None
@@ -180,6 +203,37 @@ class JobRunner:
         countdown = backoff_seconds(task.request.retries, self.settings.retry_backoff, self.settings.retry_backoff_max)
         log.warning("job %s: %s, retry %d in %.1f s", error.job_id, error.code, task.request.retries + 1, countdown)
         return task.retry(exc=failure, countdown=countdown, max_retries=self.settings.max_retries)
+
+    def _charge_quota(self, task: Task, job_id: str) -> None:
+        """Raise RATE_LIMITED, or QuotaWait, for a first attempt over its producer's quota."""
+        producer = self.producer_of(task)
+        if self.quotas is None or producer is None or task.request.retries > 0:
+            return
+        verdict = self.quotas.take(producer, job_id)
+        if verdict.outcome == ADMITTED:
+            return
+        details = {"producer": producer, "limit_per_minute": verdict.limit_per_minute, "retry_after": verdict.wait}
+        quota = f"producer {producer} is over its quota of {verdict.limit_per_minute} jobs per minute"
+        if verdict.outcome == RESERVED:
+            self._notify("job_over_quota", task, producer, "delayed")
+            error = JobError(code=ErrorCode.RATE_LIMITED, message=f"{quota}; runs in {verdict.wait:.1f} s",
+                             details=details, job_id=job_id)  # fmt: skip
+            raise QuotaWait(verdict.wait, error)
+        self._notify("job_over_quota", task, producer, "rejected")
+        message = f"{quota}; a token is free in {verdict.wait:.1f} s"
+        raise JobFailed.of(ErrorCode.RATE_LIMITED, message, details=details)
+
+    def _delay(self, task: Task, payload, wait: QuotaWait) -> Exception:
+        """Send the job back to its own queue to run at its reserved token, as attempt 0 again."""
+        later = task.signature_from_request(task.request, countdown=wait.seconds, retries=task.request.retries)
+        try:
+            later.apply_async()
+        except Exception as exc:  # not sent back: an ordinary retry (its token is already paid)
+            failure = JobFailed.of(ErrorCode.INTERNAL, f"could not delay the job: {exc!r}", job_id=task.request.id)
+            return self._retry_or_fail(task, payload, failure)
+        self._notify("job_failed", task, payload, wait.error, True)
+        log.info("job %s: %s", task.request.id, wait.error.message)
+        return Retry(wait.error.message, JobFailed(wait.error), when=wait.seconds, sig=later)
 
     def _run(self, task: Task, payload, job_id: str) -> ForecastResult:
         started = time.time()

@@ -51,9 +51,9 @@ class WorkerMetrics(JobObserver):
     It also keeps the two job counts the heartbeat reports (`jobs_in_flight`, `jobs_done`).
     """
 
-    def __init__(self, model: str, queue: str, registry: CollectorRegistry | None = None):
+    def __init__(self, model: str, queues: Sequence[str], registry: CollectorRegistry | None = None):
         self.model = model
-        self.queue = queue
+        self.queues = list(queues)  # one per producer served (tasks/routing.py), or the model's shared queue
         self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -110,11 +110,26 @@ class WorkerMetrics(JobObserver):
             ["model"],
             **on,
         )
+        self.quota_exceeded = Counter(
+            "kronos_quota_exceeded",
+            "Jobs over their producer's quota (KRONOS_QUOTA_*), by action: rejected (RATE_LIMITED) or delayed.",
+            ["model", "producer", "action"],
+            **on,
+        )
+        self.messages_refused = Counter(
+            "kronos_messages_refused",
+            "Messages taken off a queue and not run (worker/admission.py): a foreign job id, another task, "
+            "follow-up work or a far eta; each is kept in kronos:poison.",
+            ["model", "queue"],
+            **on,
+        )
         # Present from the start, so rate() and error ratios read 0 rather than nothing before the first event.
         self.jobs.labels(model, "succeeded", "")
         for code in ErrorCode:
             self.jobs.labels(model, "failed", code.value)
         self.in_flight.labels(model).set(0)
+        for queue in self.queues:
+            self.messages_refused.labels(model, queue)
         for outcome in ("serving", "failed"):
             self.model_updates.labels(model, outcome)
         self._lock = threading.Lock()
@@ -122,10 +137,11 @@ class WorkerMetrics(JobObserver):
         self._done = 0
 
     def watch_readiness(self, is_ready: Callable[[], bool]) -> None:
-        self.ready.labels(self.model, self.queue).set_function(lambda: 1 if is_ready() else 0)
+        for queue in self.queues:  # per queue, so an alert names the producer's queue that nobody serves
+            self.ready.labels(self.model, queue).set_function(lambda: 1 if is_ready() else 0)
 
     def watch_queue_depth(self, client: redis.Redis, priority_steps: Sequence[int]) -> None:
-        self.registry.register(QueueDepthCollector(client, [self.queue], priority_steps))
+        self.registry.register(QueueDepthCollector(client, self.queues, priority_steps))
 
     def record_model(self, model_id: str, revision: str | None, device: torch.device, load_seconds: float) -> None:
         self._model_labels = (self.model, model_id, revision or "", str(device))
@@ -140,6 +156,12 @@ class WorkerMetrics(JobObserver):
         self.model_loaded.remove(*self._model_labels)
         self._model_labels = (self.model, model_id, revision or "", device)
         self.model_loaded.labels(*self._model_labels).set(1)
+
+    def job_over_quota(self, task, producer: str, action: str) -> None:
+        self.quota_exceeded.labels(self.model, producer, action).inc()
+
+    def message_refused(self, queue: str, _reason: str) -> None:
+        self.messages_refused.labels(self.model, queue).inc()
 
     def model_update_finished(self, outcome: str) -> None:
         self.model_updates.labels(self.model, outcome).inc()

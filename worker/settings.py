@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from tasks.settings import (
+    PRODUCER_PATTERN,
     SettingsError,
     current_settings,
     env_name,
@@ -16,6 +17,7 @@ from tasks.settings import (
     env_raw,
     env_whole_number,
 )
+from worker.quotas import QUOTA_MODES, QuotaPolicy
 
 _DEVICES_HELP = "cpu, cuda, cuda:N or auto"
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -49,6 +51,7 @@ class WorkerSettings:
     metrics_address: str
     heartbeat_interval: float  # seconds
     log_format: str  # json or text
+    quotas: QuotaPolicy
 
 
 def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSettings:
@@ -67,6 +70,14 @@ def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSetti
     max_context = env_raw(environ, "KRONOS_MAX_CONTEXT")
     torch_threads = env_raw(environ, "KRONOS_TORCH_THREADS")
     backoff = env_positive_seconds(environ, "KRONOS_RETRY_BACKOFF", 1.0)
+    # A worker holds a delayed job unacknowledged until it runs: by default half the visibility timeout at most.
+    default_wait = min(300.0, shared.visibility_timeout / 2) if shared else 300.0
+    quotas = _quota_policy(environ, default_wait)
+    if shared and quotas.max_wait >= shared.visibility_timeout:
+        raise SettingsError(
+            f"KRONOS_QUOTA_MAX_WAIT ({quotas.max_wait:g}) must be below KRONOS_VISIBILITY_TIMEOUT "
+            f"({shared.visibility_timeout}): a worker holds a delayed job unacknowledged until it runs"
+        )
     return WorkerSettings(
         model=model,
         predictor=env_raw(environ, "KRONOS_PREDICTOR") or model,
@@ -94,6 +105,28 @@ def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSetti
         metrics_address=env_raw(environ, "KRONOS_METRICS_ADDRESS") or "0.0.0.0",
         heartbeat_interval=env_positive_seconds(environ, "KRONOS_HEARTBEAT_INTERVAL", 10.0),
         log_format=_log_format(environ),
+        quotas=quotas,
+    )
+
+
+def _quota_policy(environ: Mapping[str, str], default_wait: float = 300.0) -> QuotaPolicy:
+    per_producer: dict[str, int] = {}
+    raw = env_raw(environ, "KRONOS_PRODUCER_QUOTAS")
+    for item in raw.split(",") if raw else ():
+        producer, _, limit = (part.strip() for part in item.partition("="))
+        if not PRODUCER_PATTERN.fullmatch(producer) or not (limit.isascii() and limit.isdigit()):
+            raise SettingsError(
+                f"KRONOS_PRODUCER_QUOTAS must be producer=jobs_per_minute[,producer=jobs_per_minute...], got {raw!r}"
+            )
+        per_producer[producer] = int(limit)
+    mode = env_raw(environ, "KRONOS_QUOTA_MODE") or "reject"
+    if mode not in QUOTA_MODES:
+        raise SettingsError(f"KRONOS_QUOTA_MODE must be one of {', '.join(QUOTA_MODES)}, got {mode!r}")
+    return QuotaPolicy(
+        per_minute=_count(environ, "KRONOS_QUOTA_PER_MINUTE", 100),
+        per_producer=per_producer,
+        mode=mode,
+        max_wait=env_positive_seconds(environ, "KRONOS_QUOTA_MAX_WAIT", default_wait),
     )
 
 

@@ -20,16 +20,33 @@ highest-priority message and records it in `unacked`/`unacked_index` exactly as 
 does, atomically; if the reply is lost the sweep requeues it. A script cannot block, so after a pop
 that found nothing the channel waits IDLE_WAIT seconds inside Redis (BLPOP on a key nobody writes)
 before popping again: an idle worker picks a new job up within IDLE_WAIT.
+
+Identity. A message's delivery_info (exchange, routing key) is written by whoever pushed it, and kombu
+restores unacknowledged messages, and Celery sends retries, to the queue it names. Here the queue a message
+was actually popped from replaces it, in the unacked record and in what Celery receives, so a producer's job
+can neither be restored nor retried into another producer's queue, and the worker can take the producer's
+identity from it (tasks/routing.py). Each popped message then passes worker/admission.py before Celery
+sees it; a refused one goes to POISON_KEY.
+
+Fairness. Queues are polled round-robin, each queue's priority lists in order before the next queue's
+(kombu polls all queues' priority 0 lists first): on a worker serving several producers' queues, one
+producer's urgent jobs cannot keep the others' jobs waiting.
 """
 
 import binascii
 import json
 import logging
+from collections.abc import Callable
+from functools import cached_property
 from time import monotonic, time
 
 from kombu.transport import redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
+
+from tasks.routing import serving_queues
+from tasks.settings import current_settings
+from worker import admission
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +55,24 @@ MAX_POISON = 1000
 IDLE_KEY = "kronos:idle"  # never written: BLPOP on it is a wait that the event loop can poll
 IDLE_WAIT = 0.05
 
-# KEYS: the queue's lists in consumption order; ARGV: unacked hash, unacked index, now.
-# The entry is what kombu's QoS.append writes: [raw message, exchange, routing key], the raw JSON kept
-# byte for byte (decoding and re-encoding in Lua would turn empty lists into objects).
+# Called with the reason and the queue of every message admission refuses (worker/app.py counts them).
+on_refused: Callable[[str, str], None] | None = None
+
+# KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, then the queue of
+# each key. The entry is what kombu's QoS.append writes, [raw message, exchange, routing key], with the
+# queue popped from as both exchange and routing key (each queue has a direct exchange of its own name),
+# and the raw JSON kept byte for byte (decoding and re-encoding in Lua would turn empty lists into objects).
 POP_AND_RECORD = """
-for _, key in ipairs(KEYS) do
+for i, key in ipairs(KEYS) do
   local item = redis.call('RPOP', key)
   if item then
     local ok, message = pcall(cjson.decode, item)
     if ok and type(message) == 'table' and type(message['properties']) == 'table' then
-      local properties = message['properties']
-      local tag = properties['delivery_tag']
-      local info = properties['delivery_info']
-      if type(tag) == 'string' and type(info) == 'table' then
-        local exchange = info['exchange'] or ''
-        local routing_key = info['routing_key'] or ''
+      local tag = message['properties']['delivery_tag']
+      if type(tag) == 'string' then
+        local queue = cjson.encode(ARGV[3 + i])
         redis.call('ZADD', ARGV[2], ARGV[3], tag)
-        redis.call('HSET', ARGV[1], tag,
-          '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
+        redis.call('HSET', ARGV[1], tag, '[' .. item .. ',' .. queue .. ',' .. queue .. ']')
       end
     end
     return {key, item}
@@ -126,10 +143,17 @@ class Channel(redis.Channel):
             self._pending = "BLPOP"
             self.client.connection.send_command("BLPOP", IDLE_KEY, IDLE_WAIT)
             return
-        keys = [self._q_for_pri(queue, priority) for priority in self.priority_steps for queue in queues]
+        pairs = [(self._q_for_pri(queue, priority), queue) for queue in queues for priority in self.priority_steps]
         self._pending = "EVAL"
         self.client.connection.send_command(
-            "EVAL", POP_AND_RECORD, len(keys), *keys, self.unacked_key, self.unacked_index_key, time()
+            "EVAL",
+            POP_AND_RECORD,
+            len(pairs),
+            *(key for key, _ in pairs),
+            self.unacked_key,
+            self.unacked_index_key,
+            time(),
+            *(queue for _, queue in pairs),
         )
 
     def _brpop_read(self, **options):
@@ -150,11 +174,50 @@ class Channel(redis.Channel):
             except ValueError as exc:
                 self._quarantine(exc)
                 return True
+            if _is_envelope(message):
+                refused = admission.refusal(message, self._producers.get(queue), self._max_delay)
+                if refused is not None:
+                    self._refuse(message, queue, refused)
+                    return True
+                message["properties"]["delivery_info"] = {"exchange": queue, "routing_key": queue}
             self.connection._deliver(message, queue)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    @cached_property
+    def _producers(self) -> dict[str, str | None]:
+        """Queue -> the producer whose jobs it holds, for every forecast queue of every served model."""
+        settings = current_settings()
+        return {
+            queue: producer for model in settings.models for queue, producer in serving_queues(model, settings).items()
+        }
+
+    @cached_property
+    def _max_delay(self) -> float:
+        return float(current_settings().visibility_timeout)
+
+    def _refuse(self, message: dict, queue: str, reason: str) -> None:
+        self.drop(message, f"refused from {queue}: {reason}")
+        if on_refused is not None:
+            on_refused(queue, reason)
+
+    def drop(self, message, reason: str) -> None:
+        """Quarantine a decoded message and forget its unacknowledged record (the pop wrote one for any item
+        with a delivery tag), so that the sweep does not bring it back."""
+        self.quarantine(json.dumps(message), reason)
+        properties = message.get("properties") if isinstance(message, dict) else None
+        tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+        if not isinstance(tag, str):
+            return
+        try:
+            with self.conn_or_acquire() as client, client.pipeline() as pipe:
+                pipe.zrem(self.unacked_index_key, tag)
+                pipe.hdel(self.unacked_key, tag)
+                pipe.execute()
+        except Exception:  # the sweep then brings it back once more, and it is dropped again
+            log.exception("could not forget the dropped message's unacked record")
 
     def _get(self, queue):
         try:
@@ -167,7 +230,7 @@ class Channel(redis.Channel):
         self.quarantine(_raw_item(exc), str(exc))
 
     def quarantine(self, item: str | bytes, reason: str) -> None:
-        log.error("dropped an item that is not a message envelope (kept in %s): %s", POISON_KEY, reason)
+        log.error("dropped an item from the queue (kept in %s): %s", POISON_KEY, reason)
         try:
             with self.conn_or_acquire() as client, client.pipeline() as pipe:
                 pipe.lpush(POISON_KEY, item)
@@ -194,4 +257,4 @@ class Transport(redis.Transport):
         if channel is None:
             log.error("dropped an item that is not a message envelope: %s", reason)
         else:
-            channel.quarantine(json.dumps(message), reason)
+            channel.drop(message, reason)

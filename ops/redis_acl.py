@@ -1,0 +1,180 @@
+"""Generate the Redis ACL file (users.acl) from the deployment's configuration: least privilege per role.
+
+    python ops/redis_acl.py --secrets-dir /run/secrets --out /data/acl/users.acl [--print-users]
+
+Reads KRONOS_PRODUCERS, KRONOS_MODELS, KRONOS_QUEUE_PREFIX and KRONOS_BROKER_URL (its DB names the
+event and control channels) like every other process, and writes one user per role:
+
+- `default`: off. A connection that does not authenticate can do nothing.
+- one user per producer (its KRONOS_PRODUCER name): push to its own queues and read their depth; write and
+  read its own job records and results ("<producer>:" job ids, tasks/routing.py) and listen on their
+  channels; read the workers' heartbeats. Nothing else: no FLUSHALL, CONFIG, KEYS or SCAN, no DEL on a
+  queue, no other producer's queue, results or channels, no kombu internals it does not need.
+- `kronos-worker`: what Celery, kombu and this worker use (queues, unacked records, results, events,
+  control, heartbeats, quotas, dead letters) and nothing administrative.
+- `kronos-monitor` (Flower, `python -m worker.health`, `kronos-worker status`): read the queues'
+  depth, the heartbeats and the dead letters, receive events and ask workers for their state through
+  Celery's control channel (whose reply lists it may write). It cannot touch queues or read results.
+
+Passwords never enter the file: each user's is read from `<secrets-dir>/redis-<user>.password` (first line)
+and written as its SHA-256 (`#<hex>`), which Redis compares against. A missing password file is an error.
+Commands inside Lua scripts are checked too, which is why the worker's list names what its scripts call.
+Key patterns follow the names in tasks/ and worker/; tests/test_security_acl.py runs a real worker,
+producers and Flower against a redis-server started with this file.
+"""
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from schemas.heartbeat import HEARTBEAT_KEY
+from tasks.client import JOB_RECORD_PREFIX, RESULT_KEY_PREFIX
+from tasks.deadletter import DEAD_LETTER_KEY
+from tasks.routing import job_id_prefix, queue_for_model
+from tasks.settings import KronosSettings, SettingsError, load_settings
+
+WORKER_USER = "kronos-worker"
+MONITOR_USER = "kronos-monitor"
+ROLE_USERS = (WORKER_USER, MONITOR_USER)
+# kombu names a queue's priority lists "<queue>\x06\x16<step>". The ACL file holds these two bytes raw, as
+# Redis's own ACL SAVE writes them: its parser splits on spaces and knows no quoting or escapes.
+PRIORITY_LISTS = "\x06\x16*"
+
+# Every client: authenticate, pick the DB (broker 0, results 1), pipelines, and what clients send on connect
+# (redis-py's CLIENT SETINFO exists from Redis 7.2 and may be refused: redis-py ignores that).
+CONNECTION = "+ping +hello +auth +select +multi +exec +discard +client|setname +client|id"
+
+PRODUCER_COMMANDS = "+get +mget +set +exists +del +subscribe +unsubscribe +hgetall +publish"
+PRODUCER_QUEUE_COMMANDS = "+lpush +llen +sadd"
+
+WORKER_COMMANDS = (
+    "+brpop +blpop +rpop +lpush +rpush +llen +lrange +lrem +ltrim +del +exists +expire +pexpire +ttl +get +mget +set "
+    "+setex +hset +hget +hmget +hdel +hgetall +sadd +srem +smembers +sismember +zadd +zrem +zrange +zrangebyscore "
+    "+zrevrangebyscore +watch +unwatch +publish +subscribe +unsubscribe +psubscribe +punsubscribe +time "
+    "+eval +evalsha +script|load +script|exists +info"
+)
+MONITOR_COMMANDS = "+llen +lrange +hgetall +smembers +subscribe +unsubscribe +psubscribe +punsubscribe +publish +info"
+MONITOR_REPLY_COMMANDS = (
+    "+lpush +rpush +brpop +del +sadd +srem +smembers +expire +pexpire +llen +zadd +time +evalsha +script|load "
+    "+script|exists +zrangebyscore +zrem"
+)
+
+
+def password_hash(password: str) -> str:
+    return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+def _queue_keys(queue: str) -> str:
+    return f"~{queue} ~{queue}{PRIORITY_LISTS} ~_kombu.binding.{queue} ~_kombu.binding_permanent.{queue}"
+
+
+def _broker_db(settings: KronosSettings) -> int:
+    path = urlsplit(settings.broker_url).path.strip("/")
+    return int(path) if path.isdigit() else 0
+
+
+def producer_rules(producer: str, settings: KronosSettings) -> str:
+    prefix = job_id_prefix(producer)
+    queues = " ".join(_queue_keys(queue_for_model(model, settings, producer)) for model in settings.models)
+    results = f"~{RESULT_KEY_PREFIX}{prefix}* &{RESULT_KEY_PREFIX}{prefix}*"
+    # the task-sent event (task_send_sent_event), so that Flower lists a job from the moment it is queued
+    sent_event = f"&/{_broker_db(settings)}.celeryev/task.sent"
+    own = f"{results} {sent_event} ~{JOB_RECORD_PREFIX}{prefix}* %R~{HEARTBEAT_KEY}"
+    return f"resetkeys resetchannels -@all {CONNECTION} {PRODUCER_COMMANDS} {own} ({PRODUCER_QUEUE_COMMANDS} {queues})"
+
+
+def worker_rules(settings: KronosSettings) -> str:
+    db = _broker_db(settings)
+    keys = (
+        f"~{settings.queue_prefix}.* ~kronos:* ~{RESULT_KEY_PREFIX}* ~_kombu.binding.* ~_kombu.binding_permanent.* "
+        # pidbox lists have priority suffixes too
+        "~_kombu.binding_deadlines ~unacked ~unacked_index ~unacked_mutex ~*.celery.pidbox*"
+    )
+    channels = (
+        f"&{RESULT_KEY_PREFIX}* &/{db}.celery.pidbox &/{db}.celeryev/* &/{db}.celeryev/worker.* "
+        f"&/{db}.celery.pidbox.reply.*"
+    )
+    return f"resetkeys resetchannels -@all {CONNECTION} {WORKER_COMMANDS} {keys} {channels}"
+
+
+def monitor_rules(settings: KronosSettings) -> str:
+    db = _broker_db(settings)
+    reads = f"%R~{settings.queue_prefix}.* %R~{HEARTBEAT_KEY} %R~{DEAD_LETTER_KEY} %R~_kombu.binding.*"
+    channels = f"&/{db}.celeryev/* &/{db}.celery.pidbox"
+    # kombu binds the reply queue, which expires, with a script that also keeps the deadline set
+    bindings = (
+        " ".join(
+            f"~_kombu.{table}.{exchange}"
+            for table in ("binding", "binding_permanent")
+            for exchange in ("reply.celery.pidbox", "celeryev")
+        )
+        + " ~_kombu.binding_deadlines"
+    )
+    # its own event queue (celeryev.<uuid>) and control-reply lists
+    replies = f"({MONITOR_REPLY_COMMANDS} ~celeryev.* ~*.reply.celery.pidbox* {bindings})"
+    return f"resetkeys resetchannels -@all {CONNECTION} {MONITOR_COMMANDS} {reads} {channels} {replies}"
+
+
+def users(settings: KronosSettings) -> list[str]:
+    """Every ACL user this deployment needs: the two roles and one per producer."""
+    clash = sorted(set(settings.producers) & {*ROLE_USERS, "default"})
+    if clash:
+        raise SettingsError(f"KRONOS_PRODUCERS: {', '.join(clash)} is reserved for a role; rename the producer")
+    return [*ROLE_USERS, *settings.producers]
+
+
+def render(settings: KronosSettings, hashes: Mapping[str, str]) -> str:
+    """The ACL file's text; `hashes` maps each of users(settings) to its password_hash."""
+    rules = {WORKER_USER: worker_rules(settings), MONITOR_USER: monitor_rules(settings)}
+    rules |= {producer: producer_rules(producer, settings) for producer in settings.producers}
+    lines = [
+        "user default off resetkeys resetchannels -@all",
+        *(f"user {user} on {hashes[user]} {rules[user]}" for user in users(settings)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def read_hashes(user_names: list[str], secrets_dir: Path) -> dict[str, str]:
+    hashes = {}
+    for user in user_names:
+        path = secrets_dir / f"redis-{user}.password"
+        try:
+            lines = path.read_text().strip().splitlines()
+        except OSError as exc:
+            raise SystemExit(f"redis_acl.py: no password for {user}: cannot read {path} ({exc.strerror})") from None
+        if not lines or not lines[0].strip():
+            raise SystemExit(f"redis_acl.py: {path} is empty")
+        hashes[user] = password_hash(lines[0].strip())
+    return hashes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python ops/redis_acl.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--secrets-dir", type=Path, default=Path("/run/secrets"), help="redis-<user>.password files")
+    parser.add_argument("--out", type=Path, help="write the ACL file here (default: standard output)")
+    parser.add_argument("--print-users", action="store_true", help="list the users whose passwords are needed")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        names = users(settings)
+    except SettingsError as exc:
+        print(f"redis_acl.py: {exc}", file=sys.stderr)
+        return 2
+    if args.print_users:
+        print("\n".join(names))
+        return 0
+    text = render(settings, read_hashes(names, args.secrets_dir))
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        args.out.chmod(0o640)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""A real Flower (`celery -A tasks.app flower`, configured by flowerconfig.py) for integration tests."""
+
+import base64
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from redis_server import free_port
+from worker_process import REPO_ROOT
+
+
+class Flower:
+    """Started with the env's KRONOS_* settings; `get` sends HTTP basic auth with `credentials` unless told not to."""
+
+    def __init__(self, env: dict[str, str], credentials: tuple[str, str]):
+        self.env = env
+        self.credentials = credentials
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Flower":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={self.port}"],
+            env=dict(self.env, KRONOS_FLOWER_PORT=str(self.port)),
+            cwd=REPO_ROOT,  # where Flower finds flowerconfig.py
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        until = time.monotonic() + 30
+        while True:
+            try:
+                if self.get("/healthcheck", auth=False) == b"OK":
+                    return self
+            except urllib.error.URLError:
+                assert time.monotonic() < until and self.process.poll() is None, "Flower did not start"
+                time.sleep(0.2)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, auth: bool = True) -> bytes:
+        token = base64.b64encode(":".join(self.credentials).encode()).decode()
+        headers = {"Authorization": f"Basic {token}"} if auth else {}
+        with urllib.request.urlopen(urllib.request.Request(self.url(path), headers=headers), timeout=10) as response:
+            return response.read()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # Flower saves its state on the way out
+            self.process.wait(20)

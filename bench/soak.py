@@ -22,29 +22,17 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+import numpy as np
+import pandas as pd
+from celery import Celery
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from celery import Celery  # noqa: E402
-from kombu.exceptions import OperationalError  # noqa: E402
-from redis.exceptions import RedisError  # noqa: E402
-from redis_server import RedisServer  # noqa: E402
-from worker_process import WorkerProcess, worker_env  # noqa: E402
-
-from schemas import ForecastRequest  # noqa: E402
-from tasks.producer import submit  # noqa: E402
+from bench.harness import REPO, RedisServer, WorkerProcess, rss_kib, worker_env
+from schemas import ForecastRequest
+from tasks.producer import submit
 
 VISIBILITY = 10
-
-
-def rss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
 
 
 class Soak:

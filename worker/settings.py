@@ -52,6 +52,7 @@ class WorkerSettings:
     heartbeat_interval: float  # seconds
     log_format: str  # json or text
     quotas: QuotaPolicy
+    poll_interval: float  # seconds an idle worker waits between two looks at its queues
 
 
 def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSettings:
@@ -106,6 +107,7 @@ def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSetti
         heartbeat_interval=env_positive_seconds(environ, "KRONOS_HEARTBEAT_INTERVAL", 10.0),
         log_format=_log_format(environ),
         quotas=quotas,
+        poll_interval=env_positive_seconds(environ, "KRONOS_POLL_INTERVAL_MS", 10.0) / 1000,
     )
 
 

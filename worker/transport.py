@@ -17,9 +17,10 @@ And it closes kombu's loss window at delivery: kombu pops a message with BRPOP a
 unacknowledged in a second, separate write, so a message popped while Redis shuts down (the pop is
 already in the AOF, the reply never reaches the worker) vanishes. Here one Lua script pops the
 highest-priority message and records it in `unacked`/`unacked_index` exactly as kombu's QoS.append
-does, atomically; if the reply is lost the sweep requeues it. A script cannot block, so after a pop
-that found nothing the channel waits IDLE_WAIT seconds inside Redis (BLPOP on a key nobody writes)
-before popping again: an idle worker picks a new job up within IDLE_WAIT.
+does, atomically; if the reply is lost the sweep requeues it. A script cannot block, so after a pop that
+found nothing the channel sends nothing for KRONOS_POLL_INTERVAL_MS and the event loop wakes it then to
+pop again: an idle worker picks a new job up within that interval. (Not a BLPOP with a short timeout:
+Redis checks blocking timeouts on its 10-per-second cron, so a 5 ms BLPOP waits about 100 ms.)
 
 Identity. A message's delivery_info (exchange, routing key) is written by whoever pushed it, and kombu
 restores unacknowledged messages, and Celery sends retries, to the queue it names. Here the queue a message
@@ -47,13 +48,16 @@ from kombu.utils.json import loads
 from tasks.routing import serving_queues
 from tasks.settings import current_settings
 from worker import admission
+from worker.settings import current_worker_settings
 
 log = logging.getLogger(__name__)
 
 POISON_KEY = "kronos:poison"
 MAX_POISON = 1000
-IDLE_KEY = "kronos:idle"  # never written: BLPOP on it is a wait that the event loop can poll
-IDLE_WAIT = 0.05
+# Never written: without an event loop (kombu's drain_events), BLPOP on it is the wait between two pops.
+IDLE_KEY = "kronos:idle"
+# A wake-up may come this early (the event loop sleeps in whole milliseconds): close enough to pop.
+IDLE_SLACK = 0.002
 
 # Called with the reason and the queue of every message admission refuses (worker/app.py counts them).
 on_refused: Callable[[str, str], None] | None = None
@@ -80,6 +84,10 @@ for i, key in ipairs(KEYS) do
 end
 return false
 """
+
+
+def _next_round() -> None:
+    """A timer callback that does nothing: its expiry alone makes the event loop run a round."""
 
 
 def _raw_item(exc: ValueError) -> str | bytes:
@@ -130,18 +138,21 @@ class QoS(redis.QoS):
 
 class Channel(redis.Channel):
     QoS = QoS
-    _found_nothing = False  # the last pop was empty: wait before the next one
+    _idle_until = 0.0  # after a pop that found nothing: no pop before this monotonic time
     _pending = "EVAL"
 
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
+        idle = self._idle_until - monotonic()
+        if idle > IDLE_SLACK and self.connection.hub is not None:
+            return  # the wake-up set when the last pop found nothing brings the event loop back here
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
-        if self._found_nothing:
+        if idle > IDLE_SLACK:  # no event loop: wait in Redis (never a timeout of 0, which blocks for good)
             self._pending = "BLPOP"
-            self.client.connection.send_command("BLPOP", IDLE_KEY, IDLE_WAIT)
+            self.client.connection.send_command("BLPOP", IDLE_KEY, idle)
             return
         pairs = [(self._q_for_pri(queue, priority), queue) for queue in queues for priority in self.priority_steps]
         self._pending = "EVAL"
@@ -163,8 +174,9 @@ class Channel(redis.Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next round reconnects
                 raise
-            waited, self._found_nothing = self._pending == "BLPOP", not reply and self._pending == "EVAL"
-            if waited or not reply:
+            if self._pending == "BLPOP" or not reply:
+                if self._pending == "EVAL":
+                    self._rest()
                 raise redis.Empty()
             key, item = reply
             queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
@@ -185,6 +197,14 @@ class Channel(redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _rest(self) -> None:
+        """Pop again only after the poll interval. The wake-up is set here, while the event loop handles this
+        reply, because the loop computes how long it may sleep before it asks the channels to poll."""
+        interval = current_worker_settings().poll_interval
+        self._idle_until = monotonic() + interval
+        if self.connection.hub is not None:
+            self.connection.wake_after(interval)
 
     @cached_property
     def _producers(self) -> dict[str, str | None]:
@@ -242,6 +262,20 @@ class Channel(redis.Channel):
 
 class Transport(redis.Transport):
     Channel = Channel
+    hub = None  # Celery's event loop, once the worker registers this transport with it
+    _wake_at = 0.0
+
+    def register_with_event_loop(self, connection, loop):
+        self.hub = loop
+        super().register_with_event_loop(connection, loop)
+
+    def wake_after(self, seconds: float) -> None:
+        """Have the event loop run a round (and so poll the channels) `seconds` from now."""
+        now = monotonic()
+        if now < self._wake_at <= now + seconds:
+            return  # a round is due before then anyway
+        self._wake_at = now + seconds
+        self.hub.call_later(seconds, _next_round)
 
     def _deliver(self, message, queue):
         if not _is_envelope(message):

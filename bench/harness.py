@@ -1,0 +1,30 @@
+"""The test suite's process harness, shared by the benchmarks that run real Redis and worker processes.
+
+tests/redis_server.py (a throwaway redis-server on a free port) and tests/worker_process.py (a real
+`celery -A worker.app worker` subprocess) live beside the tests, which import them as top-level modules;
+this puts tests/ on the path once so that bench modules import them by name.
+"""
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from redis_server import RedisServer  # noqa: E402
+from worker_process import WorkerProcess, producer_app, worker_env  # noqa: E402
+
+__all__ = ["REPO", "RedisServer", "WorkerProcess", "proc_status_kib", "producer_app", "rss_kib", "worker_env"]
+
+
+def proc_status_kib(pid: int, field: str) -> int | None:
+    """A KiB field of /proc/<pid>/status (VmRSS, VmHWM, ...); None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def rss_kib(pid: int) -> int | None:
+    return proc_status_kib(pid, "VmRSS")

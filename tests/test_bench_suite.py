@@ -1,0 +1,118 @@
+"""Smoke test of the benchmark suite (bench/): the smallest engine sweep through the real entry point, and the
+end-to-end statistics and plots on hand-made records. It checks the fields docs/BENCHMARKS.md reads, never
+timings. The end-to-end part with real workers runs only in `python -m bench` (its startup alone takes longer
+than this test may)."""
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from bench import __main__ as suite
+from bench import e2e, engine_bench, engine_sweep, plots, tables
+from model.config import PredictorConfig
+
+TINY = PredictorConfig(d_model=16, n_layers=1, n_heads=2, ff_dim=16, s1_bits=10, s2_bits=10, learn_te=True)
+TINY_PLAN = engine_sweep.Plan(
+    base=engine_sweep.Point(1, 32, 3),
+    lookbacks=(32, 520),
+    pred_lens=(3,),
+    batches=(1, 2),
+    sampled_batches=(1,),
+    comparisons={"kronos-small": (engine_bench.Scenario("1x32", 1, 32, 3, None, "tiny"),)},
+)
+
+
+def test_percentiles():
+    assert e2e.percentiles([]) == {"p50": None, "p95": None, "p99": None, "mean": None}
+    stats = e2e.percentiles(range(101))
+    assert (stats["p50"], stats["p95"], stats["p99"], stats["mean"]) == (50, 95, 99, 50)
+
+
+def result_meta(job_id: str, inference: float, finished_at: float, batch_size: int = 1) -> dict:
+    result = {
+        "job_id": job_id,
+        "series_id": job_id,
+        "model": "kronos-small",
+        "model_id": "/tmp/predictor",
+        "tokenizer_id": "/tmp/tokenizer",
+        "timestamps": ["2024-01-01T00:00:00Z"],
+        "forecast": {"close": [1.0]},
+        "sample_count": 1,
+        "worker": "bench0@vm",
+        "device": "cpu",
+        "batch_size": batch_size,
+        "timings": {"queue_wait": 0.02, "preprocess": 0.01, "batch_wait": 0.0, "inference": inference, "total": 1},
+        "finished_at": datetime.fromtimestamp(finished_at, UTC).isoformat(),
+    }
+    return {"status": "SUCCESS", "task_id": job_id, "result": result}
+
+
+def test_job_record_splits_the_latency():
+    record = e2e.job_record(100.0, 101.0, result_meta("a", inference=0.9, finished_at=100.95))
+    assert record["latency"] == pytest.approx(1.0)
+    assert record["result_store"] == pytest.approx(0.05)
+    assert sum(record[stage] for stage in e2e.STAGES) == pytest.approx(record["latency"])
+    assert e2e.job_record(0.0, 1.0, {"status": "FAILURE", "result": {}})["failed"]
+
+
+def test_overhead_uses_quiet_pairs_and_compares_with_the_direct_run():
+    pairs = [
+        {**e2e.job_record(0.0, 1.1, result_meta(str(i), 1.0, 1.09)), "direct": 1.0, "contended": False}
+        for i in range(3)
+    ]
+    pairs.append({**pairs[0], "direct": 5.0, "contended": True, "foreign_cores": 1.0})
+    for pair in pairs[:3]:
+        pair["foreign_cores"] = 0.0
+    summary = e2e.overhead_summary(pairs)
+    assert summary["quiet_pairs"] == 3 and summary["pairs_used"] == "quiet"
+    assert summary["overhead_percent_of_inference"] == pytest.approx(10.0)
+    assert summary["outside_inference_percent"] == pytest.approx(10.0)
+
+
+def e2e_report(tmp_path) -> dict:
+    records = [e2e.job_record(i, i + 0.5, result_meta(f"j{i}", 0.4, i + 0.49, batch_size=2)) for i in range(4)]
+    run = {"fraction_of_capacity": 0.5, **e2e.summarize(records, 2.0), "cpu": {"contended": False}}
+    pairs = [{**r, "direct": 0.4, "contended": False, "foreign_cores": 0.0} for r in records]
+    memory = {"rss_mib": 400.0, "peak_rss_mib": 450.0}
+    return {
+        **suite.header(suite.parse_args(["--quick", "--out-dir", str(tmp_path)]), "e2e", 2),
+        "job": {"lookback": 256, "pred_len": 30},
+        "queue_overhead": {
+            "jobs": {"short": {"lookback": 256, "pred_len": 30, **e2e.overhead_summary(pairs)}},
+            "worker_memory": {"after_load": memory, "after_serving": memory},
+        },
+        "load": [{"workers": w, "saturation": run, "runs": [run]} for w in (1, 2)],
+    }
+
+
+def test_end_to_end_summary_and_plot(tmp_path):
+    report = e2e_report(tmp_path)
+    run = report["load"][0]["runs"][0]
+    assert run["jobs_per_second"] == pytest.approx(4 / 3.5)
+    assert run["batch_size_mean"] == 2 and set(run["latency"]) == {"p50", "p95", "p99", "mean"}
+    [path] = plots.draw_all(None, report, tmp_path, "cpu")
+    assert path.stat().st_size > 0
+    assert "Queue overhead" in tables.markdown(None, report)
+
+
+def test_tiny_engine_sweep_through_the_entry_point(tmp_path, monkeypatch):
+    monkeypatch.setitem(engine_bench.GEOMETRIES, "kronos-small", TINY)
+    monkeypatch.setattr(engine_sweep, "QUICK", TINY_PLAN)
+    monkeypatch.setattr(engine_bench, "measure_memory", lambda threads, geometry: {"peak_rss_mib": 1.0})
+    assert suite.main(["--quick", "--only", "engine", "--out-dir", str(tmp_path)]) == 0
+
+    report = json.loads((tmp_path / "engine_sweep_cpu.json").read_text())
+    assert report["gpu"]["used"] is False and "note" in report["gpu"]
+    assert {"cpu_model", "cores", "torch"} <= report["machine"].keys()
+    small = report["geometries"]["kronos-small"]
+    for axis in ("lookback", "pred_len", "batch", "sample_count"):
+        for point in small["axes"][axis]:
+            assert {"seconds", "seconds_per_series", "series_per_second", "contended", "rows"} <= point.keys()
+    assert small["axes"]["lookback"][1]["window_slides"] is True
+    [comparison] = small["comparisons"]
+    assert comparison["codes_identical"] and comparison["speedup"] > 0
+    assert {"seconds", "extrapolated"} <= comparison["uncached"].keys()
+    suite_json = json.loads((tmp_path / "suite_cpu.json").read_text())
+    assert len(suite_json["plots"]) == 2 and "wall_seconds" in suite_json
+    assert "1x32" in (tmp_path / "tables_cpu.md").read_text()

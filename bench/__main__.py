@@ -1,6 +1,6 @@
 """The benchmark suite, one command: engine sweeps, end to end through the queue, plots.
 
-    python -m bench                          # full CPU suite, ~20 min on 2 cores
+    python -m bench                          # full CPU suite, ~14 min on a quiet 2-core machine
     python -m bench --quick                  # smoke run, ~2 min, into bench/results/quick/
     python -m bench --only engine            # or e2e; plots are drawn from whatever results exist
     python -m bench --device cuda --dtype bfloat16

@@ -313,6 +313,15 @@ def test_over_limit_payloads_fail_with_their_codes(clients):
         "max_payload_bytes": clients["alpha"].submit(too_large, pred_len=4),
     }
     fine = clients["beta"].submit(window(), pred_len=4)
+    # one message is one job: a producer cannot slip a second request into it
+    two = ForecastRequest.from_frame(window(), pred_len=4, series_id="two").model_dump(mode="json")
+    clients["alpha"].app.send_task(
+        FORECAST_TASK, args=[two, two], task_id="alpha:two-in-one", queue=queue_of("alpha"), priority=5
+    )
+    wait_for(lambda: clients["alpha"]._is_known("alpha:two-in-one"), what="the stored failure")
+    with pytest.raises(JobFailed) as failure:
+        clients["alpha"].job("two-in-one").wait(timeout=30)
+    assert failure.value.error.code == ErrorCode.INVALID_INPUT
     for limit, job in jobs.items():
         with pytest.raises(JobFailed) as failure:
             job.wait(timeout=60)

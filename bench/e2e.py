@@ -43,10 +43,11 @@ from safetensors.torch import save_file
 
 from bench import engine_bench
 from bench.harness import RedisServer, WorkerProcess, proc_status_kib, producer_app, worker_env
-from model import KronosEngine, SeriesInput
+from model import KronosEngine
 from model.kronos import KronosPredictor, KronosTokenizer
 from schemas import ForecastRequest, ForecastResult
 from tasks.producer import submit
+from worker.jobs import series_input
 
 RESULT_PATTERN = "celery-task-meta-*"
 LOAD_JOB = (256, 30)  # lookback, pred_len of every load-run job
@@ -110,20 +111,6 @@ def make_requests(candles: pd.DataFrame, label: str, count: int, lookback: int, 
         yield ForecastRequest.from_frame(
             frame, series_id=f"{label}-{i}", job_id=f"{label}-{i}", pred_len=pred_len, freq="5min", seed=i
         )
-
-
-def series_input(request: ForecastRequest) -> SeriesInput:
-    """The engine input a worker builds from this request (worker/jobs.py, JobRunner._prepare)."""
-    return SeriesInput(
-        candles=request.to_frame(),
-        future_timestamps=request.resolved_future_timestamps(),
-        temperature=request.temperature,
-        top_k=request.top_k,
-        top_p=request.top_p,
-        sample_count=request.sample_count,
-        seed=request.seed,
-        quantiles=request.quantiles,
-    )
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------

@@ -28,24 +28,29 @@ class WritesMarker:
         return os.system, (f"touch {self.path}",)
 
 
-def pickle_envelope(job_id: str, body: bytes) -> str:
-    """A well-formed Celery message whose body is a pickle, pushed straight onto the queue."""
+def envelope(job_id: str, body: bytes, content_type: str, queue: str = QUEUE) -> str:
+    """A well-formed Celery message (protocol 2) as a hostile producer would push it straight onto the queue;
+    `queue` is the route it claims."""
     return json.dumps(
         {
             "body": base64.b64encode(body).decode(),
-            "content-encoding": "binary",
-            "content-type": "application/x-python-serialize",
+            "content-encoding": "binary" if content_type != "application/json" else "utf-8",
+            "content-type": content_type,
             "headers": {"lang": "py", "task": FORECAST_TASK, "id": job_id, "root_id": job_id, "retries": 0},
             "properties": {
                 "correlation_id": job_id,
                 "delivery_mode": 2,
-                "delivery_info": {"exchange": QUEUE, "routing_key": QUEUE},
+                "delivery_info": {"exchange": queue, "routing_key": queue},
                 "priority": 5,
                 "body_encoding": "base64",
                 "delivery_tag": str(uuid.uuid4()),
             },
         }
     )
+
+
+def pickle_envelope(job_id: str, body: bytes, queue: str = QUEUE) -> str:
+    return envelope(job_id, body, "application/x-python-serialize", queue)
 
 
 def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):

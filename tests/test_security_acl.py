@@ -22,7 +22,7 @@ import pytest
 import redis
 from flower_process import Flower
 from redis_server import RedisServer, find_redis_server_at_least, free_port
-from test_security import WritesMarker, pickle_envelope
+from test_security import WritesMarker, envelope, pickle_envelope
 from worker_process import REPO_ROOT, WorkerProcess, worker_env
 
 from ops import redis_acl
@@ -217,35 +217,12 @@ def test_a_producer_is_refused_administration_and_other_producers_data(server, s
         clients["alpha"].job(beta_job.id)
 
 
-def forecast_envelope(job_id: str, queue: str, routed_to: str | None = None, **embed) -> str:
-    """A JSON forecast message as Celery writes it, pushed by hand (as a hostile producer would)."""
+def forecast_envelope(job_id: str, routed_to: str, **embed) -> str:
+    """A JSON forecast message pushed by hand, as a hostile producer would: `routed_to` is the route it claims."""
     frame = window(32, start=300)
-    request = {
-        "series_id": "pushed-by-hand",
-        "pred_len": 4,
-        "candles": {
-            "timestamps": [t.isoformat() for t in frame["timestamps"]],
-            **{column: frame[column].tolist() for column in ("open", "high", "low", "close")},
-        },
-    }
-    body = json.dumps([[request], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None, **embed}])
-    routed_to = routed_to or queue
-    return json.dumps(
-        {
-            "body": body,
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"lang": "py", "task": FORECAST_TASK, "id": job_id, "root_id": job_id, "retries": 0},
-            "properties": {
-                "correlation_id": job_id,
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": routed_to, "routing_key": routed_to},
-                "priority": 5,
-                "body_encoding": "utf-8",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-    )
+    request = ForecastRequest.from_frame(frame, pred_len=4, series_id="pushed-by-hand").model_dump(mode="json")
+    body = [[request], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None, **embed}]
+    return envelope(job_id, json.dumps(body).encode(), "application/json", routed_to)
 
 
 def wait_for(condition, timeout: float = 30, what: str = "condition") -> None:
@@ -279,7 +256,7 @@ def test_a_forged_route_cannot_move_a_job_to_another_producer(server, secrets, c
     job_id = f"alpha:{uuid.uuid4()}"
     with connect(server, secrets, "alpha") as alpha:
         # it claims to come from gamma's queue: it is alpha's job all the same, charged to alpha's quota
-        alpha.lpush(f"{queue_of('alpha')}\x06\x165", forecast_envelope(job_id, queue_of("alpha"), queue_of("gamma")))
+        alpha.lpush(f"{queue_of('alpha')}\x06\x165", forecast_envelope(job_id, queue_of("gamma")))
     wait_for(lambda: admin_results.exists(f"celery-task-meta-{job_id}"), what="the result")
     assert clients["alpha"].job(job_id).wait(timeout=60).job_id == job_id
     assert json.loads(admin_results.get(f"celery-task-meta-{job_id}"))["queue"] == queue_of("alpha")
@@ -289,10 +266,9 @@ def test_a_forged_route_cannot_move_a_job_to_another_producer(server, secrets, c
 def test_a_pickle_payload_from_a_producer_is_refused_and_never_runs(server, secrets, clients, tmp_path):
     marker = tmp_path / "pwned"
     job_id = f"alpha:{uuid.uuid4()}"
-    envelope = json.loads(pickle_envelope(job_id, pickle.dumps(((WritesMarker(marker),), {}, {}))))
-    envelope["properties"]["delivery_info"] = {"exchange": queue_of("alpha"), "routing_key": queue_of("alpha")}
+    payload = pickle.dumps(((WritesMarker(marker),), {}, {}))
     with connect(server, secrets, "alpha") as alpha:
-        alpha.lpush(f"{queue_of('alpha')}\x06\x165", json.dumps(envelope))
+        alpha.lpush(f"{queue_of('alpha')}\x06\x165", pickle_envelope(job_id, payload, queue_of("alpha")))
     with pytest.raises(JobFailed) as failure:
         wait_for(lambda: clients["alpha"]._is_known(job_id), what="the stored failure")
         clients["alpha"].job(job_id).wait(timeout=30)

@@ -295,19 +295,8 @@ class JobRunner:
             )
 
     def _prepare(self, request: ForecastRequest) -> PreparedSeries:
-        series = SeriesInput(
-            candles=request.to_frame(),
-            future_timestamps=request.resolved_future_timestamps(),
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            sample_count=request.sample_count,
-            seed=request.seed,
-            quantiles=request.quantiles,
-            return_paths=request.return_paths,
-        )
         try:
-            return self.slot.current.engine.prepare(series)
+            return self.slot.current.engine.prepare(series_input(request))
         except InvalidInputError as exc:
             raise JobFailed.of(ErrorCode.INVALID_INPUT, str(exc), field=exc.field) from None
 
@@ -345,6 +334,21 @@ class JobRunner:
                 log.warning("job %s: progress not stored: %r", job_id, exc)
 
         return report
+
+
+def series_input(request: ForecastRequest) -> SeriesInput:
+    """The engine's input for a job: the contract's request in the engine's terms."""
+    return SeriesInput(
+        candles=request.to_frame(),
+        future_timestamps=request.resolved_future_timestamps(),
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        sample_count=request.sample_count,
+        seed=request.seed,
+        quantiles=request.quantiles,
+        return_paths=request.return_paths,
+    )
 
 
 def _sent_at(task: Task) -> float | None:

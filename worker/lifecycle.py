@@ -46,7 +46,30 @@ def device_label(device: torch.device) -> str:
 
 
 def load(settings: WorkerSettings, max_pred_len: int) -> ServingModel:
-    """Load the configured model; transient failures (Hub unreachable, timeouts) are retried with backoff."""
+    """Load the configured model; transient failures (Hub unreachable, timeouts) are retried with backoff.
+
+    The loading runs in a thread of its own that ends with it. libgomp keeps an OpenMP thread pool for every
+    thread that ever ran parallel torch work, and once a process holds more OpenMP threads than cores it stops
+    spin-waiting between parallel regions, so each of the decode loop's many small ops waits for its threads
+    to wake up. A pool left behind by the loading thread did that to the batching thread on a 2-core worker:
+    its engine calls took ~20 % longer and used 1.2 cores instead of 2 (docs/BENCHMARKS.md)."""
+    outcome: list = []
+
+    def load_here() -> None:
+        try:
+            outcome.append(_load(settings, max_pred_len))
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome.append(exc)
+
+    loader = threading.Thread(target=load_here, name="kronos-model-load")
+    loader.start()
+    loader.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _load(settings: WorkerSettings, max_pred_len: int) -> ServingModel:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     retrying = Retrying(

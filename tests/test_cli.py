@@ -1,6 +1,7 @@
 """The `kronos-worker` command (tasks/cli.py), run as a subprocess against a real redis-server and worker."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -239,4 +240,15 @@ def test_demo_command_runs_the_demo_module(env):
 
 def test_kronos_worker_entry_point():
     [script] = [point for point in entry_points(group="console_scripts") if point.name == "kronos-worker"]
-    assert script.value == "tasks.cli:main"
+    assert script.value == "kronos_cli:main"
+
+
+def test_a_bad_variable_is_one_line_naming_it_not_a_traceback():
+    completed = subprocess.run(
+        [sys.executable, "-c", "import sys, kronos_cli; sys.exit(kronos_cli.main())", "status"],
+        env={**os.environ, "KRONOS_MODELS": "kronos-small,kronos small"},
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert completed.stderr.splitlines() == [completed.stderr.strip()] and "Traceback" not in completed.stderr
+    assert completed.stderr.startswith("kronos-worker: KRONOS_MODELS must be")

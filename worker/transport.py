@@ -59,7 +59,7 @@ IDLE_KEY = "kronos:idle"
 # A wake-up may come this early (the event loop sleeps in whole milliseconds): close enough to pop.
 IDLE_SLACK = 0.002
 
-# Called with the reason and the queue of every message admission refuses (worker/app.py counts them).
+# Called as on_refused(queue, reason) for every message admission refuses (worker/app.py counts them).
 on_refused: Callable[[str, str], None] | None = None
 
 # KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, then the queue of

@@ -41,22 +41,28 @@ worker_prefetch_multiplier = _settings.prefetch_multiplier
 # On a lost broker connection the worker requeues everything it holds, running jobs included; cancel
 # those rather than let them finish alongside their second copy.
 worker_cancel_long_running_tasks_on_connection_loss = True
-# A redelivered job whose SUCCESS is already stored is acked without running again.
-worker_deduplicate_successful_tasks = True
+# (No worker_deduplicate_successful_tasks: it acts only on messages flagged as redelivered, which a restored
+# message is not. Every delivery of a forecast first claims its job, and one whose final answer is stored is
+# acknowledged without running: worker/claims.py.)
 
-# STARTED state and task events, so clients and Flower can tell queued from running.
+# STARTED state and task events, so clients and Flower can tell queued from running. (The forecast task stores
+# its states itself, STARTED included, once it holds the job's claim: worker/jobs.py.)
 task_track_started = True
 task_send_sent_event = True
 worker_send_task_events = True
 
 result_expires = _settings.result_expires
-# Result metadata also names the task, its queue and the worker, which operators need when tracing a job.
-result_extended = True
-# Retry result writes through a Redis outage with backoff, but finitely: a job blocked storing its result
-# still runs on its visibility-timeout clock. With connections refused at once that is at most about
-# 11 attempts x 5 s (the retry_policy below) plus 20 s of backoff between them.
+# No copy of the request's arguments in results (the candles would be readable wherever results are): the
+# worker's backend names the task, its queue, the worker and the retry count instead (worker/results.py).
+result_extended = False
+# Backend calls of producers and Flower retry through a short Redis outage: up to 10 retries, each pause a
+# random part (full jitter) of 0.2 s doubling up to 2 s: at most 15 s in all, about half that on average.
+# The worker's own writes do not use this: a final answer is retried until the job's visibility timeout
+# runs out, other states are never waited on (worker/results.py).
 result_backend_always_retry = True
 result_backend_max_retries = 10
+result_backend_base_sleep_between_retries_ms = 100
+result_backend_max_sleep_between_retries_ms = 2000
 # Each backend operation's own reconnect loop (default 20 tries a second apart): a producer whose first send
 # finds Redis down fails after about 5 s instead of 20.
 result_backend_transport_options = {

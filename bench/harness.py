@@ -11,10 +11,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+import kronos_cases  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 from worker_process import WorkerProcess, producer_app, worker_env  # noqa: E402
 
-__all__ = ["REPO", "RedisServer", "WorkerProcess", "proc_status_kib", "producer_app", "rss_kib", "worker_env"]
+__all__ = [
+    "REPO",
+    "RedisServer",
+    "WorkerProcess",
+    "kronos_cases",
+    "proc_status_kib",
+    "producer_app",
+    "rss_kib",
+    "worker_env",
+]
 
 
 def proc_status_kib(pid: int, field: str) -> int | None:

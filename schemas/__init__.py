@@ -9,7 +9,7 @@ from schemas.jsonschema import json_schemas
 from schemas.limits import Limits
 from schemas.request import ForecastRequest
 from schemas.result import ForecastResult, Timings, quantile_label
-from schemas.validation import validate_job
+from schemas.validation import job_digest, validate_job
 
 __all__ = [
     "CANDLE_COLUMNS",
@@ -26,6 +26,7 @@ __all__ = [
     "Limits",
     "Timings",
     "WorkerHeartbeat",
+    "job_digest",
     "json_schemas",
     "quantile_label",
     "validate_job",

@@ -16,6 +16,9 @@ class ErrorCode(StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     RATE_LIMITED = "RATE_LIMITED"
     INTERNAL = "INTERNAL"
+    # The job id already names a different request (same id, other candles or settings): the job under that
+    # id keeps its answer, and this request is not run. Resend it under a new id.
+    JOB_ID_CONFLICT = "JOB_ID_CONFLICT"
 
 
 # Only transient worker-side conditions are worth another attempt. Bad input stays bad, an expired job

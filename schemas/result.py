@@ -42,6 +42,9 @@ class ForecastResult(BaseModel):
 
     job_id: str
     series_id: str
+    request_digest: str | None = Field(
+        None, description="schemas.job_digest of the request this answers: a job id names one request."
+    )
     model: str = Field(description="Model name as requested, e.g. 'kronos-small'.")
     model_id: str = Field(description="Where the weights came from: a hub repo id or a path.")
     model_revision: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import date, datetime, time
@@ -16,6 +17,29 @@ from schemas.request import JOB_ID_PATTERN, ForecastRequest
 
 _MAX_REASON_CHARS = 80
 _JSON_TYPE_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+# What a request says about its delivery, not about what to compute: the same request sent again with its id
+# added, another priority or deadline, or another informational producer name is the same job.
+DELIVERY_FIELDS = frozenset({"job_id", "priority", "deadline", "producer"})
+
+
+def job_digest(job: ForecastRequest | Any) -> str:
+    """The identity of what a job computes: the SHA-256 of the canonical JSON of the validated request (defaults
+    filled in, so a field left out and the same field sent with its default value agree) without its delivery
+    fields. A payload that does not validate is digested as sent. Producer client and worker use this one
+    function, so a job record and the message it describes always agree."""
+    if isinstance(job, ForecastRequest):
+        document = job.model_dump(mode="json", exclude=DELIVERY_FIELDS)
+    elif isinstance(job, dict):
+        document = {key: value for key, value in job.items() if key not in DELIVERY_FIELDS}
+    else:
+        document = job
+    try:
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), default=_encode_temporal)
+    except (TypeError, ValueError, RecursionError):  # not JSON at all: still one stable identity per payload
+        canonical = repr(document)
+    return hashlib.sha256(canonical.encode(errors="surrogatepass")).hexdigest()
 
 
 def validate_job(payload: dict[str, Any] | str | bytes, limits: Limits | None = None) -> ForecastRequest:

@@ -16,7 +16,9 @@ queued after KRONOS_RESULT_EXPIRES would read as not found.)
 
 Duplicate-safe resubmission. The same SET NX is the lock: a job id whose record or result already exists
 is not sent again, and submit returns a handle on the existing job (`ForecastJob.duplicate`), whatever
-that job's state, failed included: resend under a new id. If the send itself fails, the record is
+that job's state, failed included: resend under a new id. The record holds the request's digest
+(schemas.job_digest): the same id with a different request raises JobIdConflict (JOB_ID_CONFLICT) instead,
+and the worker refuses such a request from any producer too. If the send itself fails, the record is
 deleted, so the caller can retry with the same id.
 
 Following a job reads the result key as any language would (docs/PRODUCERS.md) and listens on the
@@ -54,10 +56,12 @@ from schemas import (
     JobError,
     JobFailed,
     WorkerHeartbeat,
+    job_digest,
 )
 from schemas.candles import TIMESTAMP_COLUMNS
 from schemas.error_translation import job_error_from_validation
 from tasks.connections import redis_client, ssl_options
+from tasks.keys import JOB_RECORD_PREFIX, RESULT_KEY_PREFIX
 from tasks.producer import submit as send_job
 from tasks.routing import (
     PRIORITY_STEPS,
@@ -74,6 +78,7 @@ __all__ = [
     "CandleDataError",
     "ForecastJob",
     "JobFailed",
+    "JobIdConflict",
     "JobNotFound",
     "JobStatus",
     "JobTimeout",
@@ -86,8 +91,6 @@ __all__ = [
     "read_candles_csv",
 ]
 
-JOB_RECORD_PREFIX = "kronos:job:"
-RESULT_KEY_PREFIX = "celery-task-meta-"
 FINISHED_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 REQUIRED_COLUMNS = ("open", "high", "low", "close")
 # While waiting, the result key is read again this often even without a published update: a missed
@@ -107,6 +110,21 @@ class JobNotFound(KronosClientError, LookupError):
         super().__init__(
             f"no job {job_id!r}: the id is unknown, or its result expired "
             f"(results are kept KRONOS_RESULT_EXPIRES={result_expires} s)"
+        )
+
+
+class JobIdConflict(JobFailed, KronosClientError):
+    """submit() was given a job id that already names a different request (JOB_ID_CONFLICT): nothing was sent,
+    and the job under that id keeps its own answer. Resend under a new id."""
+
+    def __init__(self, job_id: str):
+        super().__init__(
+            JobError(
+                code=ErrorCode.JOB_ID_CONFLICT,
+                message=f"job_id: {job_id!r} already names a different request; nothing was sent, use a new id",
+                field="job_id",
+                job_id=job_id,
+            )
         )
 
 
@@ -304,12 +322,18 @@ class KronosClient:
 
     def _send(self, request: ForecastRequest) -> ForecastJob:
         job_id = request.job_id
-        record = json.dumps({"series_id": request.series_id, "model": request.model, "submitted_at": time.time()})
+        digest = job_digest(request)
+        record = json.dumps(
+            {"series_id": request.series_id, "model": request.model, "digest": digest, "submitted_at": time.time()}
+        )
         with self._reaching_results(), self.results.pipeline() as pipe:
             pipe.set(JOB_RECORD_PREFIX + job_id, record, nx=True, ex=self.settings.result_expires)
+            pipe.get(JOB_RECORD_PREFIX + job_id)
             pipe.exists(RESULT_KEY_PREFIX + job_id)
-            recorded, has_result = pipe.execute()
+            recorded, existing, has_result = pipe.execute()
         if not recorded or has_result:
+            if not recorded and _recorded_digest(existing) not in (None, digest):
+                raise JobIdConflict(job_id)
             return ForecastJob(self, job_id, duplicate=True)
         try:
             with self._reaching(self.settings.broker_url, "KRONOS_BROKER_URL"):
@@ -335,6 +359,15 @@ class KronosClient:
         except (redis.ConnectionError, redis.TimeoutError, KombuOperationalError) as exc:
             reason = str(exc).strip().rstrip(".") or type(exc).__name__
             raise RedisUnavailable(url, reason, variable) from None
+
+
+def _recorded_digest(record: bytes | None) -> str | None:
+    """The request digest in a job record; None for a record without one (written by an older client)."""
+    try:
+        digest = json.loads(record).get("digest") if record else None
+    except (ValueError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) else None
 
 
 class ForecastJob:

@@ -195,13 +195,14 @@ def test_celeryconfig_reliability_settings(monkeypatch: pytest.MonkeyPatch) -> N
         "task_track_started",
         "task_send_sent_event",
         "worker_send_task_events",
-        "result_extended",
         "result_backend_always_retry",
         "broker_connection_retry_on_startup",
         "worker_cancel_long_running_tasks_on_connection_loss",
-        "worker_deduplicate_successful_tasks",
     ]:
         assert config[name] is True, name
+    # results never copy the request's arguments; redelivered jobs are deduplicated by claims, not by Celery
+    assert config["result_extended"] is False
+    assert "worker_deduplicate_successful_tasks" not in config
     assert config["task_create_missing_queues"] is False
     assert 0 < config["result_backend_max_retries"] < float("inf")
     assert config["task_time_limit"] == 300

@@ -21,6 +21,7 @@ from tasks.settings import current_settings
 from worker import control, faults, lifecycle, logs, transport
 from worker.batching import Batcher, BatchRun
 from worker.circuit import CircuitBreaker
+from worker.claims import Claims, LeaseKeeper
 from worker.deadletters import DeadLetterObserver
 from worker.health import Heartbeat, Readiness, broker_client
 from worker.jobs import JobRunner, fault_injector, is_out_of_memory, make_batch_runner, smoke_forecast
@@ -40,6 +41,8 @@ app.conf.worker_concurrency = settings.concurrency
 # Survive junk pushed onto the queue, and answer undecodable jobs instead of dropping them silently.
 app.conf.broker_transport = "worker.transport:Transport"
 app.conf.worker_consumer = "worker.consumer:Consumer"
+# Every state a worker stores goes through a compare-and-set that never replaces a final answer.
+app.conf.result_backend = f"worker.results:ResultBackend+{current_settings().result_backend}"
 if settings.log_format == "json":
     signals.after_setup_logger.connect(logs.use_json_lines)
     signals.after_setup_task_logger.connect(logs.use_json_lines)
@@ -52,6 +55,7 @@ class _Runtime:
     batcher: Batcher | None = None
     circuit: CircuitBreaker | None = None
     jobs: JobRunner | None = None
+    leases: LeaseKeeper | None = None
     heartbeat: Heartbeat | None = None
     http: ThreadingHTTPServer | None = None  # /metrics, /healthz, /readyz
 
@@ -59,8 +63,9 @@ class _Runtime:
 runtime = _Runtime()
 
 
-# throws: a JobFailed is an expected outcome (logged without a traceback), not a worker error
-@app.task(name=FORECAST_TASK, bind=True, acks_late=True, throws=(JobFailed,))
+# throws: a JobFailed is an expected outcome (logged without a traceback), not a worker error.
+# ignore_result: the job runner stores every state itself, after claiming the job (worker/jobs.py).
+@app.task(name=FORECAST_TASK, bind=True, acks_late=True, throws=(JobFailed,), ignore_result=True)
 def forecast(self, *args, **kwargs):
     """Forecast one series: args=[request] (or kwargs={"request": ...}), a schemas.ForecastRequest as JSON.
 
@@ -132,13 +137,21 @@ def start_serving(sender, instance, **_):
     )
     circuit = _circuit_breaker(sender, list(queues), slot, batcher, readiness, metrics)
     runtime.slot, runtime.batcher, runtime.circuit = slot, batcher, circuit
+    shared = current_settings()
+    results = app.backend
+    claims = Claims(results.client, settings.claim_lease, expires_seconds=shared.result_expires)
+    runtime.leases = LeaseKeeper(claims, settings.claim_lease)
+    runtime.leases.start()
     runtime.jobs = JobRunner(
         slot,
         batcher,
         settings,
         limits,
-        max_job_seconds=current_settings().max_job_seconds,
-        store_progress=lambda job_id, meta: app.backend.store_result(job_id, meta, "PROGRESS"),
+        max_job_seconds=shared.max_job_seconds,
+        results=results,
+        claims=claims,
+        leases=runtime.leases,
+        visibility_timeout=shared.visibility_timeout,
         observers=[DeadLetterObserver(broker), metrics, job_log, circuit],
         refusal=circuit.refusal,
         quotas=ProducerQuotas(broker, settings.quotas, reservation_ttl=current_settings().visibility_timeout),
@@ -212,7 +225,10 @@ def release_model(**_):
         runtime.http.shutdown()
     if runtime.batcher is not None:
         runtime.batcher.stop(timeout=30)
+    if runtime.leases is not None:
+        runtime.leases.stop()
     if runtime.slot is not None:
         lifecycle.release(runtime.slot.current)
-    runtime.slot = runtime.batcher = runtime.circuit = runtime.jobs = runtime.heartbeat = runtime.http = None
+    runtime.slot = runtime.batcher = runtime.circuit = runtime.jobs = runtime.leases = None
+    runtime.heartbeat = runtime.http = None
     log.info("model released")

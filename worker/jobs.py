@@ -1,4 +1,12 @@
-"""One forecast job's path through the worker: check, prepare, batch, build the result; or fail, or retry.
+"""One forecast job's path through the worker: claim, check, prepare, batch, store the answer; or fail, or retry.
+
+Exactly one final answer per job. A delivery runs only once it holds the job's claim (worker/claims.py): a
+job whose answer is stored is acknowledged without running, a copy of a job running elsewhere comes back
+later, and a request sent under an id that names another request is refused (JOB_ID_CONFLICT). The runner
+stores the job's states itself through the worker's result backend (worker/results.py): the final answer in
+one compare-and-set that nothing replaces, retried while Redis is away for as long as the delivery's
+visibility timeout allows (then the message is handed back, not failed); STARTED, PROGRESS and RETRY best
+effort, never waited on.
 
 Failures are `JobFailed` carrying a structured error. Invalid input, an expired deadline and a timeout
 fail at once; retryable codes (INTERNAL, RESOURCE_EXHAUSTED, MODEL_NOT_READY) go back to the queue
@@ -15,6 +23,7 @@ fails with RATE_LIMITED, or is sent back to its queue to run at its reserved slo
 """
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import torch
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Reject, Retry
 
 from model import InvalidInputError, ModelInfo, PreparedSeries, SeriesForecast, SeriesInput
@@ -34,17 +43,24 @@ from schemas import (
     JobError,
     JobFailed,
     Limits,
+    job_digest,
     quantile_label,
     validate_job,
 )
 from tasks.producer import SENT_AT_HEADER
 from worker import faults, lifecycle
 from worker.batching import Batcher, BatchOutcome, DeadlinePassed, WorkItem
+from worker.claims import CLAIMED, CONFLICT, FINAL, Claim, Claims, LeaseKeeper
 from worker.lifecycle import ServingSlot
 from worker.quotas import ADMITTED, RESERVED, ProducerQuotas
+from worker.results import RedisUnreachable, ResultBackend, retry_transient
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+PROGRESS = "PROGRESS"  # a custom state: steps done of the job's horizon, while its batch runs
+# A copy of a job held elsewhere comes back this long after the holder's lease would lapse.
+HELD_RECHECK_MARGIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,13 @@ class JobObserver:
     def job_over_quota(self, task: Task, producer: str, action: str) -> None:
         """It was over `producer`'s quota and was "rejected" (then job_failed follows) or "delayed"."""
 
+    def job_not_run(self, task: Task, reason: str) -> None:
+        """A delivery of the job that did not run (worker/claims.py): its answer was "final" already, another
+        run "held" it, or its id names a different request ("conflict")."""
+
+    def job_taken_over(self, task: Task, runs: int) -> None:
+        """This run took the job over from a run whose lease lapsed: the job's model run number `runs`."""
+
 
 class QuotaWait(Exception):
     """The job holds a token `seconds` from now: run it then."""
@@ -145,7 +168,10 @@ class JobRunner:
         settings: WorkerSettings,
         limits: Limits,
         max_job_seconds: float,
-        store_progress: Callable[[str, dict], None],
+        results: ResultBackend,
+        claims: Claims,
+        leases: LeaseKeeper,
+        visibility_timeout: float,
         observers: Sequence[JobObserver] = (),
         refusal: Callable[[], str | None] = lambda: None,
         quotas: ProducerQuotas | None = None,
@@ -156,35 +182,98 @@ class JobRunner:
         self.settings = settings
         self.limits = limits
         self.max_job_seconds = max_job_seconds
-        self.store_progress = store_progress
+        self.results = results  # every state this runner stores goes through it (final answers never replaced)
+        self.claims = claims
+        self.leases = leases
+        self.visibility_timeout = visibility_timeout
         self.observers = observers
         self.refusal = refusal  # why this worker must not start jobs now (its circuit is open), or None
         self.quotas = quotas
         self.producer_of = producer_of  # the producer whose queue the job came from; None on shared queues
 
-    def run(self, task: Task, payload) -> dict:
-        """The task body: the result as JSON, or raise JobFailed, or Celery's Retry, or Reject."""
+    def run(self, task: Task, payload) -> dict | None:
+        """The task body. It stores the job's states itself (the task ignores Celery's result storing) and
+        returns the result as JSON, or None for a delivery that did not run; or raises JobFailed (stored),
+        Celery's Retry, or Reject."""
         job_id = task.request.id
         refused = self.refusal()
         if refused is not None:
             # Back to the head of the queue, unstarted and without spending a retry, for a healthy worker.
             log.warning("job %s: not started here (%s); returned to the queue", job_id, refused)
             raise Reject(refused, requeue=True)
+        # The message's visibility clock started at its fetch, before now: what this delivery may still spend
+        # on Redis calls that must succeed, before a second worker may be handed the job.
+        deadline = time.monotonic() + self.visibility_timeout
+        request, invalid = _validated(payload, self.limits)
+        digest = job_digest(request if request is not None else payload)
+        try:
+            claim = retry_transient(lambda: self.claims.claim(job_id, digest), deadline, f"job {job_id}: claim")
+        except RedisUnreachable as exc:
+            raise Reject(str(exc), requeue=True) from None
+        if claim.state != CLAIMED:
+            return self._not_run(task, claim, digest)
+        self.leases.hold(job_id, claim.token)
+        try:
+            return self._run_claimed(task, payload, request, invalid, claim, deadline)
+        finally:
+            self.leases.let_go(job_id, claim.token)
+
+    def _not_run(self, task: Task, claim: Claim, digest: str) -> None:
+        job_id = task.request.id
+        self._notify("job_not_run", task, claim.state)
+        if claim.state == FINAL:
+            log.info("job %s: its final answer (%s) is stored; acknowledged without running", job_id, claim.detail)
+            return None
+        if claim.state == CONFLICT:
+            error = self.claims.record_conflict(job_id, digest, claim.detail)
+            log.warning("job %s: %s", job_id, error.message)
+            return None
+        # HELD: another run holds a live lease. Come back when it may have lapsed; if that run stores the
+        # answer first, the copy then finds it and is acknowledged.
+        seconds = claim.held_seconds + HELD_RECHECK_MARGIN
+        log.info("job %s: running elsewhere (lease for %.1f s more); this copy comes back then", job_id, seconds)
+        try:
+            retry = self._send_back(task, seconds, f"job {job_id} is running elsewhere")
+        except Exception as exc:  # not sent back: the message itself goes back to the queue
+            raise Reject(f"job {job_id} runs elsewhere; this copy was not delayed: {exc!r}", requeue=True) from None
+        raise retry
+
+    def _run_claimed(self, task: Task, payload, request, invalid, claim: Claim, deadline: float) -> dict:
+        job_id = task.request.id
+        if claim.takeover:
+            log.warning("job %s: run %d, taking over from a run whose lease lapsed", job_id, claim.runs)
+            self._notify("job_taken_over", task, claim.runs)
         self._notify("job_started", task)
+        self.results.store_result(job_id, {"pid": os.getpid(), "hostname": task.request.hostname}, states.STARTED,
+                                  request=task.request)  # fmt: skip
         try:
             self._charge_quota(task, job_id)
-            result = self._run(task, payload, job_id)
+            if invalid is not None:
+                raise invalid
+            result = self._run(task, request, job_id)
         except QuotaWait as wait:
-            raise self._delay(task, payload, wait) from None
+            self.claims.release(job_id, claim.token)
+            raise self._delay(task, payload, wait, claim, deadline) from None
         except JobFailed as failure:
             error = failure.error if failure.error.job_id else failure.error.model_copy(update={"job_id": job_id})
-            raise self._retry_or_fail(task, payload, JobFailed(error)) from None
+            raise self._retry_or_fail(task, payload, JobFailed(error), claim, deadline) from None
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
             failure = JobFailed.of(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", job_id=job_id)
-            raise self._retry_or_fail(task, payload, failure) from None
+            raise self._retry_or_fail(task, payload, failure, claim, deadline) from None
+        document = result.model_dump(mode="json")
+        self._store_final(task, document, states.SUCCESS, deadline)
         self._notify("job_succeeded", task, result)
-        return result.model_dump(mode="json")
+        return document
+
+    def _store_final(self, task: Task, value, state: str, deadline: float) -> None:
+        """Store the job's final answer (retrying while Redis is away); when that cannot be done in the time
+        the job has, hand the message back for another delivery rather than fail or acknowledge it."""
+        try:
+            self.results.store_result(task.request.id, value, state, request=task.request, deadline=deadline)
+        except RedisUnreachable as exc:
+            log.error("job %s: %s; the job is left to be delivered again", task.request.id, exc)
+            raise Reject(str(exc), requeue=True) from None
 
     def _notify(self, event: str, *args) -> None:
         for observer in self.observers:
@@ -193,15 +282,18 @@ class JobRunner:
             except Exception:  # an observer's bug must not change a job's outcome
                 log.exception("observer %r failed on %s", observer, event)
 
-    def _retry_or_fail(self, task: Task, payload, failure: JobFailed) -> Exception:
+    def _retry_or_fail(self, task: Task, payload, failure: JobFailed, claim: Claim, deadline: float) -> Exception:
         error = failure.error
         will_retry = error.retryable and task.request.retries < self.settings.max_retries
         self._notify("job_failed", task, payload, error, will_retry)
         if not will_retry:
             log.warning("job %s failed: %s %s", error.job_id, error.code, error.message)
+            self._store_final(task, failure, states.FAILURE, deadline)
             return failure
         countdown = backoff_seconds(task.request.retries, self.settings.retry_backoff, self.settings.retry_backoff_max)
         log.warning("job %s: %s, retry %d in %.1f s", error.job_id, error.code, task.request.retries + 1, countdown)
+        self.claims.release(task.request.id, claim.token)
+        self.results.store_result(task.request.id, failure, states.RETRY, request=task.request)
         return task.retry(exc=failure, countdown=countdown, max_retries=self.settings.max_retries)
 
     def _charge_quota(self, task: Task, job_id: str) -> None:
@@ -223,22 +315,27 @@ class JobRunner:
         message = f"{quota}; a token is free in {verdict.wait:.1f} s"
         raise JobFailed.of(ErrorCode.RATE_LIMITED, message, details=details)
 
-    def _delay(self, task: Task, payload, wait: QuotaWait) -> Exception:
+    def _send_back(self, task: Task, seconds: float, reason: str) -> Retry:
+        """Send the job back to its own queue to run `seconds` from now, keeping its retry count; the Retry to
+        raise so that Celery acknowledges this delivery. Raises when the new message cannot be sent."""
+        later = task.signature_from_request(task.request, countdown=seconds, retries=task.request.retries)
+        later.apply_async()
+        return Retry(reason, when=seconds, sig=later)
+
+    def _delay(self, task: Task, payload, wait: QuotaWait, claim: Claim, deadline: float) -> Exception:
         """Send the job back to its own queue to run at its reserved token, as attempt 0 again."""
-        later = task.signature_from_request(task.request, countdown=wait.seconds, retries=task.request.retries)
         try:
-            later.apply_async()
+            retry = self._send_back(task, wait.seconds, wait.error.message)
         except Exception as exc:  # not sent back: an ordinary retry (its token is already paid)
             failure = JobFailed.of(ErrorCode.INTERNAL, f"could not delay the job: {exc!r}", job_id=task.request.id)
-            return self._retry_or_fail(task, payload, failure)
+            return self._retry_or_fail(task, payload, failure, claim, deadline)
         self._notify("job_failed", task, payload, wait.error, True)
         log.info("job %s: %s", task.request.id, wait.error.message)
-        return Retry(wait.error.message, JobFailed(wait.error), when=wait.seconds, sig=later)
+        return Retry(wait.error.message, JobFailed(wait.error), when=wait.seconds, sig=retry.sig)
 
-    def _run(self, task: Task, payload, job_id: str) -> ForecastResult:
+    def _run(self, task: Task, request: ForecastRequest, job_id: str) -> ForecastResult:
         started = time.time()
         sent_at = _sent_at(task)
-        request = validate_job(payload, self.limits)
         if request.deadline is not None and request.deadline.timestamp() < started:
             raise JobFailed.of(
                 ErrorCode.EXPIRED,
@@ -328,12 +425,18 @@ class JobRunner:
             if done >= total or now - last < self.settings.progress_interval:
                 return
             last = now
-            try:
-                self.store_progress(job_id, {"steps_done": done, "steps_total": total})
-            except Exception as exc:  # progress is advisory: never fail a job over it
-                log.warning("job %s: progress not stored: %r", job_id, exc)
+            # best effort: handed to the backend's writer thread, so the batch never waits on Redis
+            self.results.store_result(job_id, {"steps_done": done, "steps_total": total}, PROGRESS)
 
         return report
+
+
+def _validated(payload, limits: Limits) -> tuple[ForecastRequest | None, JobFailed | None]:
+    """The request, or why it is invalid (raised once the job is claimed, so that it is answered once)."""
+    try:
+        return validate_job(payload, limits), None
+    except JobFailed as invalid:
+        return None, invalid
 
 
 def series_input(request: ForecastRequest) -> SeriesInput:
@@ -369,6 +472,7 @@ def build_result(
     return ForecastResult(
         job_id=job_id,
         series_id=request.series_id,
+        request_digest=job_digest(request),
         model=request.model,
         model_id=info.predictor,
         model_revision=info.predictor_revision,

@@ -116,6 +116,20 @@ class WorkerMetrics(JobObserver):
             ["model", "producer", "action"],
             **on,
         )
+        self.jobs_not_run = Counter(
+            "kronos_jobs_not_run",
+            "Deliveries of a job that did not run (worker/claims.py), by reason: final (its answer was stored), "
+            "held (another run holds it; this copy comes back later) or conflict (its id names another request).",
+            ["model", "reason"],
+            **on,
+        )
+        self.takeovers = Counter(
+            "kronos_job_takeovers",
+            "Runs of a job that took over from a run whose lease lapsed (its worker died or lost Redis): the "
+            "model ran that job a second time.",
+            ["model"],
+            **on,
+        )
         self.messages_refused = Counter(
             "kronos_messages_refused",
             "Messages taken off a queue and not run (worker/admission.py): a foreign job id, another task, "
@@ -128,6 +142,9 @@ class WorkerMetrics(JobObserver):
         for code in ErrorCode:
             self.jobs.labels(model, "failed", code.value)
         self.in_flight.labels(model).set(0)
+        for reason in ("final", "held", "conflict"):
+            self.jobs_not_run.labels(model, reason)
+        self.takeovers.labels(model)
         for queue in self.queues:
             self.messages_refused.labels(model, queue)
         for outcome in ("serving", "failed"):
@@ -195,6 +212,12 @@ class WorkerMetrics(JobObserver):
             if seconds is not None:  # queue_wait is unknown for jobs sent without the sent-at header
                 self.job_seconds.labels(self.model, phase).observe(seconds)
         self.generated_steps.labels(self.model).inc(len(result.timestamps) * result.sample_count)
+
+    def job_not_run(self, task, reason: str) -> None:
+        self.jobs_not_run.labels(self.model, reason).inc()
+
+    def job_taken_over(self, task, runs: int) -> None:
+        self.takeovers.labels(self.model).inc()
 
     def job_failed(self, task, payload, error: JobError, will_retry: bool) -> None:
         self._finished(final=not will_retry)

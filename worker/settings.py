@@ -53,6 +53,7 @@ class WorkerSettings:
     log_format: str  # json or text
     quotas: QuotaPolicy
     poll_interval: float  # seconds an idle worker waits between two looks at its queues
+    claim_lease: float  # seconds a running job's claim lasts unless renewed (renewed every third of it)
 
 
 def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSettings:
@@ -78,6 +79,15 @@ def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSetti
         raise SettingsError(
             f"KRONOS_QUOTA_MAX_WAIT ({quotas.max_wait:g}) must be below KRONOS_VISIBILITY_TIMEOUT "
             f"({shared.visibility_timeout}): a worker holds a delayed job unacknowledged until it runs"
+        )
+    # A copy of a running job waits for its lease to lapse, held in a worker like a delayed job: so the lease
+    # stays below the visibility timeout (by default 30 s, or half the timeout when that is shorter).
+    default_lease = min(30.0, shared.visibility_timeout / 2) if shared else 30.0
+    claim_lease = env_positive_seconds(environ, "KRONOS_CLAIM_LEASE_SECONDS", default_lease)
+    if shared and claim_lease >= shared.visibility_timeout:
+        raise SettingsError(
+            f"KRONOS_CLAIM_LEASE_SECONDS ({claim_lease:g}) must be below KRONOS_VISIBILITY_TIMEOUT "
+            f"({shared.visibility_timeout}): a copy of a running job is held until the lease lapses"
         )
     return WorkerSettings(
         model=model,
@@ -108,6 +118,7 @@ def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSetti
         log_format=_log_format(environ),
         quotas=quotas,
         poll_interval=env_positive_seconds(environ, "KRONOS_POLL_INTERVAL_MS", 10.0) / 1000,
+        claim_lease=claim_lease,
     )
 
 

@@ -62,24 +62,29 @@ IDLE_SLACK = 0.002
 # Called as on_refused(queue, reason) for every message admission refuses (worker/app.py counts them).
 on_refused: Callable[[str, str], None] | None = None
 
-# KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, then the queue of
-# each key. The entry is what kombu's QoS.append writes, [raw message, exchange, routing key], with the
-# queue popped from as both exchange and routing key (each queue has a direct exchange of its own name),
-# and the raw JSON kept byte for byte (decoding and re-encoding in Lua would turn empty lists into objects).
+# KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, poison list, poison cap,
+# then the queue of each key. The entry is what kombu's QoS.append writes, [raw message, exchange, routing
+# key], with the queue popped from as both exchange and routing key (each queue has a direct exchange of its
+# own name), and the raw JSON kept byte for byte (decoding and re-encoding in Lua would turn empty lists into
+# objects). An item that cannot be recorded so (not JSON, no properties, a delivery tag that is not a
+# non-empty string) is never delivered: a worker that died holding it would lose it. It goes to the poison
+# list here, and the reply says so: {key, false}.
 POP_AND_RECORD = """
 for i, key in ipairs(KEYS) do
   local item = redis.call('RPOP', key)
   if item then
     local ok, message = pcall(cjson.decode, item)
-    if ok and type(message) == 'table' and type(message['properties']) == 'table' then
-      local tag = message['properties']['delivery_tag']
-      if type(tag) == 'string' then
-        local queue = cjson.encode(ARGV[3 + i])
-        redis.call('ZADD', ARGV[2], ARGV[3], tag)
-        redis.call('HSET', ARGV[1], tag, '[' .. item .. ',' .. queue .. ',' .. queue .. ']')
-      end
+    local tag = ok and type(message) == 'table' and type(message['properties']) == 'table'
+      and message['properties']['delivery_tag']
+    if type(tag) == 'string' and tag ~= '' then
+      local queue = cjson.encode(ARGV[5 + i])
+      redis.call('ZADD', ARGV[2], ARGV[3], tag)
+      redis.call('HSET', ARGV[1], tag, '[' .. item .. ',' .. queue .. ',' .. queue .. ']')
+      return {key, item}
     end
-    return {key, item}
+    redis.call('LPUSH', ARGV[4], item)
+    redis.call('LTRIM', ARGV[4], 0, tonumber(ARGV[5]) - 1)
+    return {key, false}
   end
 end
 return false
@@ -164,6 +169,8 @@ class Channel(redis.Channel):
             self.unacked_key,
             self.unacked_index_key,
             time(),
+            POISON_KEY,
+            MAX_POISON,
             *(queue for _, queue in pairs),
         )
 
@@ -181,6 +188,11 @@ class Channel(redis.Channel):
             key, item = reply
             queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
+            if item is None:  # the script kept it in the poison list: it could not be recorded as unacknowledged
+                log.error("dropped an item from %s (kept in %s): not a message with a delivery tag", queue, POISON_KEY)
+                if on_refused is not None:
+                    on_refused(queue, "unrecordable")
+                return True
             try:
                 message = loads(bytes_to_str(item))
             except ValueError as exc:

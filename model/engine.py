@@ -183,6 +183,10 @@ class KronosEngine:
         future = _timestamps("future_timestamps", s.future_timestamps)
         if not 1 <= len(future) <= self.max_pred_len:
             raise InvalidInputError("future_timestamps", f"pred_len {len(future)} is outside 1..{self.max_pred_len}")
+        if len(future) > self.max_context:  # the forecast is read back from one window of the context
+            raise InvalidInputError(
+                "future_timestamps", f"pred_len {len(future)} is more than the model's context of {self.max_context}"
+            )
         try:
             ordered = future[0] > past[-1]
         except TypeError:

@@ -52,7 +52,7 @@ PRODUCER_QUEUE_COMMANDS = "+lpush +llen +sadd"
 
 WORKER_COMMANDS = (
     "+brpop +blpop +rpop +lpush +rpush +llen +lrange +lrem +ltrim +del +exists +expire +pexpire +ttl +get +mget +set "
-    "+setex +hset +hget +hmget +hdel +hgetall +sadd +srem +smembers +sismember +zadd +zrem +zrange +zrangebyscore "
+    "+setex +hset +hget +hmget +hdel +hgetall +hexists +hincrby +sadd +srem +smembers +sismember +zadd +zrem +zrange +zrangebyscore "
     "+zrevrangebyscore +watch +unwatch +publish +subscribe +unsubscribe +psubscribe +punsubscribe +time "
     "+eval +evalsha +script|load +script|exists +info"
 )

@@ -10,9 +10,10 @@ and says why; it never consumes a job. `python -m worker.launch` starts one such
 import logging
 import os
 import sys
+import time
 from http.server import ThreadingHTTPServer
 
-from celery import signals
+from celery import signals, states
 
 from schemas import ErrorCode, JobFailed, Limits
 from tasks.app import app
@@ -95,7 +96,7 @@ def start_serving(sender, instance, **_):
     metrics, job_log, readiness = WorkerMetrics(settings.model, list(queues)), logs.JobLog(), Readiness()
     metrics.watch_readiness(lambda: readiness.reason() is None)
     metrics.watch_queue_depth(broker, PRIORITY_STEPS)
-    transport.on_refused = metrics.message_refused
+    transport.on_refused = _answer_refusals(metrics)
     runtime.heartbeat = Heartbeat(
         broker, worker=sender, queues=list(queues), model=settings.model, interval=settings.heartbeat_interval,
         readiness=readiness, job_counts=metrics.job_counts,
@@ -158,6 +159,23 @@ def start_serving(sender, instance, **_):
         producer_of=lambda task: queues.get((task.request.delivery_info or {}).get("routing_key")),
     )
     control.serve(_model_updater(slot, limits, metrics))
+
+
+def _answer_refusals(metrics: WorkerMetrics):
+    """Count every refused item, and answer one that names a job of its producer's own with INVALID_INPUT,
+    so that the producer learns why (the answer cannot replace a final one: worker/results.py)."""
+
+    def on_refused(queue: str, reason: str, job_id: str | None) -> None:
+        metrics.message_refused(queue, reason)
+        if job_id is None:
+            return
+        failure = JobFailed.of(ErrorCode.INVALID_INPUT, f"message: refused ({reason})", field="message", job_id=job_id)
+        try:  # one attempt: this runs in the consumer's event loop, which must not wait
+            app.backend.store_result(job_id, failure, states.FAILURE, deadline=time.monotonic())
+        except Exception as exc:
+            log.warning("job %s: the refusal was not stored as its answer (%r)", job_id, exc)
+
+    return on_refused
 
 
 def _circuit_breaker(worker, queues, slot, batcher, readiness, metrics) -> CircuitBreaker:

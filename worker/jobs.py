@@ -18,8 +18,8 @@ A job pinned to a `model_revision` runs only on an engine of that revision: a wo
 revision serves it; when the retries are spent it fails with MODEL_NOT_READY. While the worker's circuit
 breaker is open (worker/circuit.py) a job it fetched earlier is rejected back to the queue unstarted.
 
-A job from a producer's queue is first charged to that producer's quota (worker/quotas.py): over it, the job
-fails with RATE_LIMITED, or is sent back to its queue to run at its reserved slot, keeping its retry count.
+A job from a producer's queue is charged to that producer's quota on its first run (worker/quotas.py): over
+it, the job fails with RATE_LIMITED, or is sent back to its queue to run at its reserved slot.
 """
 
 import logging
@@ -210,6 +210,9 @@ class JobRunner:
             claim = retry_transient(lambda: self.claims.claim(job_id, digest), deadline, f"job {job_id}: claim")
         except RedisUnreachable as exc:
             raise Reject(str(exc), requeue=True) from None
+        except Exception as exc:  # Redis refused the script (its ACL?): unclaimed, the job must not run nor be lost
+            log.exception("job %s: the claim failed; returned to the queue", job_id)
+            raise Reject(f"claim failed: {exc!r}", requeue=True) from None
         if claim.state != CLAIMED:
             return self._not_run(task, claim, digest)
         self.leases.hold(job_id, claim.token)
@@ -247,9 +250,9 @@ class JobRunner:
         self.results.store_result(job_id, {"pid": os.getpid(), "hostname": task.request.hostname}, states.STARTED,
                                   request=task.request)  # fmt: skip
         try:
-            self._charge_quota(task, job_id)
-            if invalid is not None:
+            if invalid is not None:  # answered as such whatever the quota: sending it again cannot help
                 raise invalid
+            self._charge_quota(task, job_id, claim)
             result = self._run(task, request, job_id)
         except QuotaWait as wait:
             self.claims.release(job_id, claim.token)
@@ -296,10 +299,11 @@ class JobRunner:
         self.results.store_result(task.request.id, failure, states.RETRY, request=task.request)
         return task.retry(exc=failure, countdown=countdown, max_retries=self.settings.max_retries)
 
-    def _charge_quota(self, task: Task, job_id: str) -> None:
-        """Raise RATE_LIMITED, or QuotaWait, for a first attempt over its producer's quota."""
+    def _charge_quota(self, task: Task, job_id: str, claim: Claim) -> None:
+        """Raise RATE_LIMITED, or QuotaWait, for a job's first run over its producer's quota. "First" is the
+        claim's count, kept in Redis by workers: a message's retry count is written by whoever sent it."""
         producer = self.producer_of(task)
-        if self.quotas is None or producer is None or task.request.retries > 0:
+        if self.quotas is None or producer is None or claim.runs > 1:
             return
         verdict = self.quotas.take(producer, job_id)
         if verdict.outcome == ADMITTED:

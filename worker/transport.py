@@ -22,12 +22,14 @@ found nothing the channel sends nothing for KRONOS_POLL_INTERVAL_MS and the even
 pop again: an idle worker picks a new job up within that interval. (Not a BLPOP with a short timeout:
 Redis checks blocking timeouts on its 10-per-second cron, so a 5 ms BLPOP waits about 100 ms.)
 
-Identity. A message's delivery_info (exchange, routing key) is written by whoever pushed it, and kombu
-restores unacknowledged messages, and Celery sends retries, to the queue it names. Here the queue a message
-was actually popped from replaces it, in the unacked record and in what Celery receives, so a producer's job
-can neither be restored nor retried into another producer's queue, and the worker can take the producer's
-identity from it (tasks/routing.py). Each popped message then passes worker/admission.py before Celery
-sees it; a refused one goes to POISON_KEY.
+Identity and admission. A message's delivery_info (exchange, routing key) is written by whoever pushed it,
+and kombu restores unacknowledged messages, and Celery sends retries, to the queue it names. Here the queue a
+message was actually popped from replaces it, in the unacked record and in what Celery receives, so a
+producer's job can neither be restored nor retried into another producer's queue, and the worker can take
+the producer's identity from it (tasks/routing.py). Celery never sees a producer's bytes: an item from a
+forecast queue passes worker/admission.py, which builds the message Celery gets from the fields a forecast
+needs; a refused one goes to POISON_KEY (and a job id of the producer's own is answered with INVALID_INPUT).
+Items of other queues (Celery's control replies) reach Celery as kombu would read them.
 
 Fairness. Queues are polled round-robin, each queue's priority lists in order before the next queue's
 (kombu polls all queues' priority 0 lists first): on a worker serving several producers' queues, one
@@ -45,6 +47,7 @@ from kombu.transport import redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from schemas import Limits
 from tasks.routing import serving_queues
 from tasks.settings import current_settings
 from worker import admission
@@ -59,28 +62,35 @@ IDLE_KEY = "kronos:idle"
 # A wake-up may come this early (the event loop sleeps in whole milliseconds): close enough to pop.
 IDLE_SLACK = 0.002
 
-# Called as on_refused(queue, reason) for every message admission refuses (worker/app.py counts them).
-on_refused: Callable[[str, str], None] | None = None
+# Called as on_refused(queue, reason, job id or None) for every item refused from a forecast queue
+# (worker/app.py counts them, and answers a producer's own job id with INVALID_INPUT).
+on_refused: Callable[[str, str, str | None], None] | None = None
 
 # KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, poison list, poison cap,
-# then the queue of each key. The entry is what kombu's QoS.append writes, [raw message, exchange, routing
-# key], with the queue popped from as both exchange and routing key (each queue has a direct exchange of its
-# own name), and the raw JSON kept byte for byte (decoding and re-encoding in Lua would turn empty lists into
-# objects). An item that cannot be recorded so (not JSON, no properties, a delivery tag that is not a
-# non-empty string) is never delivered: a worker that died holding it would lose it. It goes to the poison
-# list here, and the reply says so: {key, false}.
+# largest item in bytes, then the queue of each key. The entry is what kombu's QoS.append writes, [raw message,
+# exchange, routing key], with the queue popped from as both exchange and routing key (each queue has a direct
+# exchange of its own name), and the raw JSON kept byte for byte (decoding and re-encoding in Lua would turn
+# empty lists into objects). An item that cannot be recorded so (not JSON, no properties, a delivery tag that
+# is not a non-empty string) is never delivered: a worker that died holding it would lose it. Nor is an item
+# larger than the limit decoded at all (cjson would hold Redis, and the worker its copy, for seconds): both go
+# to the poison list here (a large one cut to its first 4 KiB), and the reply says so: {key, false}.
 POP_AND_RECORD = """
 for i, key in ipairs(KEYS) do
   local item = redis.call('RPOP', key)
   if item then
-    local ok, message = pcall(cjson.decode, item)
-    local tag = ok and type(message) == 'table' and type(message['properties']) == 'table'
-      and message['properties']['delivery_tag']
+    local tag = nil
+    if #item <= tonumber(ARGV[6]) then
+      local ok, message = pcall(cjson.decode, item)
+      tag = ok and type(message) == 'table' and type(message['properties']) == 'table'
+        and message['properties']['delivery_tag']
+    else
+      item = string.sub(item, 1, 4096)
+    end
     if type(tag) == 'string' and tag ~= '' then
-      local queue = cjson.encode(ARGV[5 + i])
+      local queue = cjson.encode(ARGV[6 + i])
       redis.call('ZADD', ARGV[2], ARGV[3], tag)
       redis.call('HSET', ARGV[1], tag, '[' .. item .. ',' .. queue .. ',' .. queue .. ']')
-      return {key, item}
+      return {key, item, tag}
     end
     redis.call('LPUSH', ARGV[4], item)
     redis.call('LTRIM', ARGV[4], 0, tonumber(ARGV[5]) - 1)
@@ -171,6 +181,7 @@ class Channel(redis.Channel):
             time(),
             POISON_KEY,
             MAX_POISON,
+            self._max_message_bytes,
             *(queue for _, queue in pairs),
         )
 
@@ -185,25 +196,23 @@ class Channel(redis.Channel):
                 if self._pending == "EVAL":
                     self._rest()
                 raise redis.Empty()
-            key, item = reply
-            queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
+            key, item, *tag = reply
+            queue, _, priority = bytes_to_str(key).partition(self.sep)
             self._queue_cycle.rotate(queue)
-            if item is None:  # the script kept it in the poison list: it could not be recorded as unacknowledged
-                log.error("dropped an item from %s (kept in %s): not a message with a delivery tag", queue, POISON_KEY)
-                if on_refused is not None:
-                    on_refused(queue, "unrecordable")
+            if item is None:  # the script kept it in the poison list: too large, or not recordable
+                self._refused(queue, admission.Refused("too large, or without a delivery tag to record it by"))
+                return True
+            gate = self._gates.get(queue)
+            if gate is None:  # not a forecast queue: Celery's own traffic (control replies), as kombu reads it
+                self._deliver_as_is(item, queue)
                 return True
             try:
-                message = loads(bytes_to_str(item))
-            except ValueError as exc:
-                self._quarantine(exc)
+                message = admission.admit(item, queue, int(priority or 0), gate)
+            except admission.Refused as refused:
+                self.quarantine(item, f"refused from {queue}: {refused.reason}")
+                self._forget(bytes_to_str(tag[0]))
+                self._refused(queue, refused)
                 return True
-            if _is_envelope(message):
-                refused = admission.refusal(message, self._producers.get(queue), self._max_delay)
-                if refused is not None:
-                    self._refuse(message, queue, refused)
-                    return True
-                message["properties"]["delivery_info"] = {"exchange": queue, "routing_key": queue}
             self.connection._deliver(message, queue)
             return True
         finally:
@@ -218,38 +227,54 @@ class Channel(redis.Channel):
         if self.connection.hub is not None:
             self.connection.wake_after(interval)
 
+    def _deliver_as_is(self, item: bytes, queue: str) -> None:
+        try:
+            message = loads(bytes_to_str(item))
+        except ValueError as exc:
+            self._quarantine(exc)
+            return
+        self.connection._deliver(message, queue)
+
     @cached_property
-    def _producers(self) -> dict[str, str | None]:
-        """Queue -> the producer whose jobs it holds, for every forecast queue of every served model."""
-        settings = current_settings()
+    def _gates(self) -> dict[str, admission.Gate]:
+        """Forecast queue -> what admission checks its items against, for every served model's queues."""
+        settings, worker = current_settings(), current_worker_settings()
         return {
-            queue: producer for model in settings.models for queue, producer in serving_queues(model, settings).items()
+            queue: admission.Gate(
+                producer=producer,
+                max_message_bytes=self._max_message_bytes,
+                max_delay_seconds=float(settings.visibility_timeout),
+                max_retries=worker.max_retries,
+            )
+            for model in settings.models
+            for queue, producer in serving_queues(model, settings).items()
         }
 
     @cached_property
-    def _max_delay(self) -> float:
-        return float(current_settings().visibility_timeout)
+    def _max_message_bytes(self) -> int:
+        return admission.max_message_bytes(Limits.from_env().max_payload_bytes)
 
-    def _refuse(self, message: dict, queue: str, reason: str) -> None:
-        self.drop(message, f"refused from {queue}: {reason}")
-        if on_refused is not None:
-            on_refused(queue, reason)
+    def _refused(self, queue: str, refused: admission.Refused) -> None:
+        log.error("refused an item from %s (kept in %s): %s", queue, POISON_KEY, refused.reason)
+        if on_refused is not None and queue in self._gates:  # metric labels stay the served queues
+            on_refused(queue, refused.reason, refused.job_id)
 
     def drop(self, message, reason: str) -> None:
-        """Quarantine a decoded message and forget its unacknowledged record (the pop wrote one for any item
-        with a delivery tag), so that the sweep does not bring it back."""
+        """Quarantine a decoded message and forget its unacknowledged record, so the sweep does not bring it back."""
         self.quarantine(json.dumps(message), reason)
         properties = message.get("properties") if isinstance(message, dict) else None
         tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
-        if not isinstance(tag, str):
-            return
+        if isinstance(tag, str):
+            self._forget(tag)
+
+    def _forget(self, tag: str) -> None:
         try:
             with self.conn_or_acquire() as client, client.pipeline() as pipe:
                 pipe.zrem(self.unacked_index_key, tag)
                 pipe.hdel(self.unacked_key, tag)
                 pipe.execute()
-        except Exception:  # the sweep then brings it back once more, and it is dropped again
-            log.exception("could not forget the dropped message's unacked record")
+        except Exception:  # the sweep then brings it back once more, and it is refused again
+            log.exception("could not forget the refused message's unacked record")
 
     def _get(self, queue):
         try:

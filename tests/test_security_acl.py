@@ -611,6 +611,28 @@ def test_producers_send_without_declaring_even_before_any_worker_ran(
         assert {entry["username"] for entry in admin.acl_log(100)} == {"alpha"}  # the worker was refused nothing
 
 
+@pytest.mark.parametrize("example", ["shell/enqueue.sh", "node/enqueue.mjs"])
+def test_the_raw_producer_examples_work_as_a_producer_user(server, secrets, worker, admin, example, tmp_path):
+    """docs/PRODUCERS.md's examples push onto the producer's own list and write nothing else of kombu's."""
+    request = ForecastRequest.from_frame(window(start=120), pred_len=4, series_id="raw-example")
+    request_file = tmp_path / "request.json"
+    request_file.write_text(request.model_dump_json(exclude_none=True))
+    job_id = f"alpha:{uuid.uuid4()}"
+    command = ["sh" if example.endswith(".sh") else "node", str(REPO_ROOT / "examples" / example), str(request_file)]
+    variables = {
+        "KRONOS_BROKER_URL": url(server, secrets, "alpha", 0),
+        "KRONOS_QUEUE": queue_of("alpha"),
+        "KRONOS_JOB_ID": job_id,
+        "KRONOS_WAIT_SECONDS": "60",
+    }
+    before = logged_denials(admin)
+    completed = subprocess.run(command, env={**os.environ, **variables}, capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["result"]["job_id"] == job_id
+    assert [denial for denial in logged_denials(admin) - before if denial[0] == "alpha"] == []
+
+
 # --- finding 10: the monitor watches, the operator controls -------------------------------------------------
 
 

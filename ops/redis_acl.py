@@ -38,7 +38,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from schemas.heartbeat import HEARTBEAT_KEY
-from tasks.client import JOB_RECORD_PREFIX, RESULT_KEY_PREFIX
+from tasks.client import JOB_RECORD_PREFIX, RESULT_KEY_PREFIX, priority_list
 from tasks.deadletter import DEAD_LETTER_KEY
 from tasks.routing import PRIORITY_STEPS, job_id_prefix, queue_for_model
 from tasks.settings import KronosSettings, SettingsError, load_settings
@@ -47,9 +47,6 @@ WORKER_USER = "kronos-worker"
 MONITOR_USER = "kronos-monitor"
 OPERATOR_USER = "kronos-operator"
 ROLE_USERS = (WORKER_USER, MONITOR_USER, OPERATOR_USER)
-# kombu names a queue's priority lists "<queue>\x06\x16<step>" (step 0 is the queue itself). The ACL file holds
-# these two bytes raw, as Redis's own ACL SAVE writes them: its parser splits on spaces and knows no quoting.
-PRIORITY_SEPARATOR = "\x06\x16"
 
 # Every client: authenticate, pick the DB (broker 0, results 1), pipelines, and what clients send on connect
 # (redis-py's CLIENT SETINFO exists from Redis 7.2 and may be refused: redis-py ignores that).
@@ -75,16 +72,6 @@ def password_hash(password: str) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest()
 
 
-def exact_key(key: str) -> str:
-    """An ACL key pattern that matches `key` alone: its glob characters escaped."""
-    return "".join("\\" + char if char in "*?[]\\" else char for char in key)
-
-
-def priority_lists(queue: str) -> list[str]:
-    """The Redis lists a worker pops for `queue`: the queue itself (priority 0) and one per step 1-9."""
-    return [queue, *(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS if step)]
-
-
 def _broker_db(settings: KronosSettings) -> int:
     path = urlsplit(settings.broker_url).path.strip("/")
     return int(path) if path.isdigit() else 0
@@ -97,10 +84,11 @@ def _own_queue_keys(exchange: str, queues: str) -> str:
 
 def producer_rules(producer: str, settings: KronosSettings) -> str:
     prefix = job_id_prefix(producer)
-    queues = " ".join(
-        f"~{exact_key(key)}" for model in settings.models
-        for key in priority_lists(queue_for_model(model, settings, producer))
-    )  # fmt: skip
+    # The lists a worker pops, as exact keys: a list no worker reads would fill Redis unseen. (Queue names hold
+    # no glob character, tasks/settings.py; the file holds the separator's bytes raw, as Redis's own ACL SAVE
+    # writes them: its parser splits on spaces and knows no quoting.)
+    own_queues = [queue_for_model(model, settings, producer) for model in settings.models]
+    queues = " ".join(f"~{priority_list(queue, step)}" for queue in own_queues for step in PRIORITY_STEPS)
     results = f"~{RESULT_KEY_PREFIX}{prefix}* &{RESULT_KEY_PREFIX}{prefix}*"
     own = f"{results} ~{JOB_RECORD_PREFIX}{prefix}* %R~{HEARTBEAT_KEY}"
     # The task-sent event (task_send_sent_event), so that Flower lists a job from the moment it is queued. A

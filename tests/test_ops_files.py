@@ -511,10 +511,14 @@ def flower_config(monkeypatch, **env) -> dict:
     """flowerconfig.py's settings as Flower would load them with exactly these KRONOS_FLOWER_* variables."""
     import flower.options  # noqa: F401  (defines the options flowerconfig.py reads, as Flower does first)
 
+    from tasks.app import app
+
     for name in [name for name in os.environ if name.startswith("KRONOS_FLOWER_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # as the monitor, flowerconfig.py takes control commands away from the app: give them back afterwards
+    monkeypatch.setattr(app.control, "broadcast", app.control.broadcast)
     return runpy.run_path(str(REPO_ROOT / "flowerconfig.py"))
 
 
@@ -539,6 +543,44 @@ def test_flower_config_from_environment(monkeypatch, tmp_path):
     assert "args" in config["tasks_columns"].split(",")
     open_config = flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=str(db))
     assert "basic_auth" not in open_config
+
+
+def test_flower_reads_its_logins_from_a_file(monkeypatch, tmp_path):
+    logins = tmp_path / "flower-basic-auth"
+    logins.write_text("ops:pw\nviewer:pw2,auditor:pw3\n")
+    db = str(tmp_path / "flower.db")
+    config = flower_config(monkeypatch, KRONOS_FLOWER_BASIC_AUTH_FILE=str(logins), KRONOS_FLOWER_DB=db)
+    assert config["basic_auth"] == ["ops:pw", "viewer:pw2", "auditor:pw3"]
+    refusals = {
+        "both": dict(KRONOS_FLOWER_BASIC_AUTH_FILE=str(logins), KRONOS_FLOWER_BASIC_AUTH="ops:pw"),
+        "cannot read": dict(KRONOS_FLOWER_BASIC_AUTH_FILE=str(tmp_path / "missing")),
+    }
+    for message, env in refusals.items():
+        with pytest.raises(SystemExit, match=message):
+            flower_config(monkeypatch, KRONOS_FLOWER_DB=db, **env)
+    logins.write_text("ops\n")
+    with pytest.raises(SystemExit, match="KRONOS_FLOWER_BASIC_AUTH_FILE must be user:password") as malformed:
+        flower_config(monkeypatch, KRONOS_FLOWER_BASIC_AUTH_FILE=str(logins), KRONOS_FLOWER_DB=db)
+    assert "ops" not in str(malformed.value).replace("flowerconfig.py", "")
+
+
+def test_flower_as_the_monitor_sends_no_control_command(monkeypatch, tmp_path):
+    from tasks.app import app
+
+    db = str(tmp_path / "flower.db")
+    monitor = flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=db)
+    assert monitor["role"] == "monitor" and monitor["enable_events"] is False
+    for command in ("shutdown", "revoke", "stats", "kronos_load_model"):
+        with pytest.raises(PermissionError, match="KRONOS_FLOWER_ROLE=monitor"):
+            app.control.broadcast(command, reply=True, timeout=0.1)
+    assert app.control.broadcast("heartbeat") is None  # the event receiver's wake-up call is skipped quietly
+    monkeypatch.undo()
+    operator = flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=db,
+                             KRONOS_FLOWER_ROLE="operator")  # fmt: skip
+    assert "enable_events" not in operator and "_refuse_control" not in operator
+    assert getattr(app.control.broadcast, "__func__", None) is type(app.control).broadcast
+    with pytest.raises(SystemExit, match="monitor or operator"):
+        flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=db, KRONOS_FLOWER_ROLE="admin")
 
 
 def test_flower_format_task_shows_the_job_not_its_candles(monkeypatch, tmp_path):

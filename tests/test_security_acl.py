@@ -659,6 +659,7 @@ def test_only_the_operator_controls_or_inspects_workers(server, secrets, env, cl
         for command in (("inspect", "scheduled"), ("control", "revoke", f"beta:{uuid.uuid4()}")):
             denied = run_python(monitor_env, *celery, *command, "--timeout", "5")
             assert denied.returncode != 0 and held.id not in denied.stdout, command
+            assert "no permissions" in denied.stdout + denied.stderr, command
         with connect(server, secrets, redis_acl.MONITOR_USER) as monitor:
             assert refused(monitor, "PUBLISH", "/0.celery.pidbox", "{}")
     operator_env = role_env(env, server, secrets, redis_acl.OPERATOR_USER)
@@ -678,6 +679,24 @@ def test_only_the_operator_controls_or_inspects_workers(server, secrets, env, cl
             assert refused(operator, *command), command
         operator.execute_command("SELECT", 1)
         assert refused(operator, "GET", f"celery-task-meta-{held.id}")
+
+
+def test_only_the_operator_swaps_the_served_model(server, secrets, env, admin, worker):
+    """kronos_load_model (python -m tasks.control roll) changes what every producer's jobs run on."""
+    roll = ("-m", "tasks.control", "roll", "--model", MODEL, "--predictor", str(kc.PARITY / "predictor"),
+            "--wait", "--timeout", "60", "--json")  # fmt: skip
+
+    def model_updates() -> list:
+        return [json.loads(beat).get("model_update") for beat in admin.hvals("kronos:workers")]
+
+    before = model_updates()
+    with probing(admin, redis_acl.MONITOR_USER):
+        refused_roll = run_python(role_env(env, server, secrets, redis_acl.MONITOR_USER), *roll)
+    assert refused_roll.returncode != 0 and "no permissions" in refused_roll.stderr, refused_roll.stderr[-2000:]
+    assert model_updates() == before
+    rolled = run_python(role_env(env, server, secrets, redis_acl.OPERATOR_USER), *roll, timeout=120)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert [outcome["state"] for outcome in json.loads(rolled.stdout)] == ["serving"]
 
 
 def test_no_legitimate_use_was_refused(admin):

@@ -518,6 +518,32 @@ def answers_busy(client: redis.Redis) -> bool:
     return False
 
 
+def test_the_monitor_keeps_its_event_queues_binding_without_a_script(server, secrets, admin):
+    """kombu binds an expiring queue (Flower's events, a control reply) and keeps it alive with Lua scripts;
+    the transport of every process but the workers does the same with commands the monitor may run."""
+    from kombu import Connection, Exchange, Queue
+
+    from tasks.monitor_transport import Transport
+
+    events = Queue(f"celeryev.{uuid.uuid4()}", Exchange("celeryev", type="fanout"), routing_key="#", expires=60)
+    member = "\x06\x16".join(("#", "", events.name))
+    before = logged_denials(admin)
+    with Connection(url(server, secrets, redis_acl.MONITOR_USER), transport=Transport) as connection:
+        channel = connection.channel()
+        declared_at = time.time() * 1000
+        events(channel).declare()
+        assert member in admin.smembers("_kombu.binding.celeryev")
+        deadline = admin.zscore("_kombu.binding_deadlines", "celeryev")
+        assert deadline >= declared_at + 3_600_000  # kombu's shortest binding lifetime: an hour
+        time.sleep(0.01)
+        channel._refresh_bindings([events.name])  # what kombu runs every third of that lifetime, in a pipeline
+        assert admin.zscore("_kombu.binding_deadlines", "celeryev") > deadline
+        assert channel.sweep_bindings() == 0  # the workers sweep
+        events(channel).delete()
+    assert member not in admin.smembers("_kombu.binding.celeryev")
+    assert [denial for denial in logged_denials(admin) - before if denial[0] == redis_acl.MONITOR_USER] == []
+
+
 # --- finding 8: producers publish task-sent events, nobody else's -------------------------------------------
 
 

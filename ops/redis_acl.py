@@ -64,8 +64,10 @@ WORKER_COMMANDS = (
 # Depths (LLEN) and the heartbeats' hash: never a list's contents, which are jobs' payloads.
 MONITOR_COMMANDS = "+llen +hgetall +subscribe +unsubscribe +psubscribe +punsubscribe +info"
 # What kombu does with a consumer's own expiring queue (Flower's event queue, a control-reply list): bind it
-# (SADD, and its deadline with ZADD), read it, keep it alive, delete it on the way out.
-OWN_QUEUE_COMMANDS = "+sadd +srem +zadd +brpop +rpop +llen +pexpire +del"
+# (SADD, and its deadline with ZADD), count it when declaring, delete it on the way out. A reply list is also
+# read and kept alive; events arrive by pub/sub, so nothing is ever pushed onto an event queue's lists.
+OWN_QUEUE_COMMANDS = "+sadd +srem +zadd +llen +del"
+REPLY_LIST_COMMANDS = "+brpop +rpop +pexpire"
 
 
 def password_hash(password: str) -> str:
@@ -126,10 +128,8 @@ def monitor_rules(settings: KronosSettings) -> str:
 def operator_rules(settings: KronosSettings) -> str:
     db = _broker_db(settings)
     # Celery's control commands: a broadcast on the pidbox channel, answered in the sender's reply list
-    control = (
-        f"(+publish &/{db}.celery.pidbox) "
-        f"({OWN_QUEUE_COMMANDS} {_own_queue_keys('reply.celery.pidbox', '*.reply.celery.pidbox*')})"
-    )
+    replies = _own_queue_keys("reply.celery.pidbox", "*.reply.celery.pidbox*")
+    control = f"(+publish &/{db}.celery.pidbox) ({OWN_QUEUE_COMMANDS} {REPLY_LIST_COMMANDS} {replies})"
     # a runaway script holds every client off: the operator may end one (only the worker runs any)
     return f"{monitor_rules(settings)} +script|kill (+lrange %R~{DEAD_LETTER_KEY}) {control}"
 

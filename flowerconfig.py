@@ -3,10 +3,15 @@
 Flower executes it and takes every top-level name that matches one of its options. Settings come from
 KRONOS_FLOWER_* variables (docs/CONFIGURATION.md); Flower's own --options and FLOWER_* variables still work.
 
-- Authentication is required: KRONOS_FLOWER_BASIC_AUTH=user:password[,user2:password2]. Flower refuses to
+- Authentication is required: KRONOS_FLOWER_BASIC_AUTH_FILE names a file of user:password lines (a Docker
+  secret; KRONOS_FLOWER_BASIC_AUTH=user:password[,user2:password2] outside containers). Flower refuses to
   start without any (unless --basic-auth, --auth or FLOWER_BASIC_AUTH provide one, or
   KRONOS_FLOWER_UNAUTHENTICATED=1 says the network is trusted). /metrics and /healthcheck stay open, as
   Flower always leaves them, for Prometheus and probes.
+- KRONOS_FLOWER_ROLE says which Redis user Flower runs as. `monitor` (the default, `kronos-monitor`): it
+  watches through events only and sends no control command, neither inspection (whose replies carry jobs'
+  arguments) nor shutdown, revoke or pool changes, which that user may not send (ops/redis_acl.py).
+  `operator` (`kronos-operator`): Flower's inspection and control buttons work, for whoever has its login.
 - State persists (tasks, workers, counters) in KRONOS_FLOWER_DB, saved every KRONOS_FLOWER_STATE_SAVE_INTERVAL
   seconds and at shutdown, so a restarted Flower still lists recent jobs.
 - The tasks page shows each job's series id, model and horizon, never its candles: `format_task` below.
@@ -16,28 +21,60 @@ KRONOS_FLOWER_* variables (docs/CONFIGURATION.md); Flower's own --options and FL
 import os
 import re
 
-from kombu.transport import TRANSPORT_ALIASES
 from tornado.options import options as _given  # what the command line and FLOWER_* set before this file
-
-# Read before Flower connects: it watches and leaves the requeueing of unacknowledged jobs to the workers,
-# so it can run as the read-mostly kronos-monitor Redis user (ops/redis_acl.py). The URL scheme stays
-# redis(s)://, which Flower's broker page needs.
-TRANSPORT_ALIASES.update(dict.fromkeys(("redis", "rediss"), "tasks.monitor_transport:Transport"))
 
 address = os.environ.get("KRONOS_FLOWER_ADDRESS", "").strip() or "127.0.0.1"
 port = int(os.environ.get("KRONOS_FLOWER_PORT", "").strip() or 5555)
 
-_credentials = [item.strip() for item in os.environ.get("KRONOS_FLOWER_BASIC_AUTH", "").split(",") if item.strip()]
+
+def _read_credentials() -> tuple[str, list[str]]:
+    """(where they came from, the user:password items) from KRONOS_FLOWER_BASIC_AUTH_FILE or
+    KRONOS_FLOWER_BASIC_AUTH; no items when neither is set."""
+    path = os.environ.get("KRONOS_FLOWER_BASIC_AUTH_FILE", "").strip()
+    if path and os.environ.get("KRONOS_FLOWER_BASIC_AUTH", "").strip():
+        raise SystemExit("flowerconfig.py: set KRONOS_FLOWER_BASIC_AUTH_FILE or KRONOS_FLOWER_BASIC_AUTH, not both")
+    if not path:
+        return "KRONOS_FLOWER_BASIC_AUTH", os.environ.get("KRONOS_FLOWER_BASIC_AUTH", "").split(",")
+    try:
+        with open(path) as file:
+            return "KRONOS_FLOWER_BASIC_AUTH_FILE", file.read().replace(",", "\n").splitlines()
+    except OSError as exc:
+        raise SystemExit(
+            f"flowerconfig.py: KRONOS_FLOWER_BASIC_AUTH_FILE: cannot read {path} ({exc.strerror})"
+        ) from None
+
+
+_source, _items = _read_credentials()
+_credentials = [item.strip() for item in _items if item.strip()]
 if any(not user or not password for user, _, password in (item.partition(":") for item in _credentials)):
     # the value itself is not repeated: it holds passwords
-    raise SystemExit("flowerconfig.py: KRONOS_FLOWER_BASIC_AUTH must be user:password[,user:password...]")
+    raise SystemExit(f"flowerconfig.py: {_source} must be user:password[,user:password...]")
 if _credentials:
     basic_auth = _credentials
 elif not (_given.basic_auth or _given.auth or os.environ.get("KRONOS_FLOWER_UNAUTHENTICATED") == "1"):
     raise SystemExit(
-        "flowerconfig.py: refusing to start Flower without authentication: set KRONOS_FLOWER_BASIC_AUTH="
-        "user:password (or KRONOS_FLOWER_UNAUTHENTICATED=1 on a trusted network)"
+        "flowerconfig.py: refusing to start Flower without authentication: set KRONOS_FLOWER_BASIC_AUTH_FILE to a "
+        "file of user:password lines (or KRONOS_FLOWER_UNAUTHENTICATED=1 on a trusted network)"
     )
+
+role = os.environ.get("KRONOS_FLOWER_ROLE", "").strip() or "monitor"
+if role not in ("monitor", "operator"):
+    raise SystemExit(f"flowerconfig.py: KRONOS_FLOWER_ROLE must be monitor or operator, not {role!r}")
+if role == "monitor":
+    from tasks.app import app as _app  # the app Flower was started with (`-A tasks.app`)
+
+    def _refuse_control(command, *args, **kwargs):
+        if command == "heartbeat":  # the event receiver's wake-up call: the workers send one every 2 s anyway
+            return None
+        raise PermissionError(
+            f"Flower runs as the monitor (KRONOS_FLOWER_ROLE=monitor): no control command ({command}); "
+            "run it as the operator to inspect or control workers"
+        )
+
+    # Say so at once instead of sending what Redis refuses (its ACL log would fill with Flower's attempts):
+    # every inspection, button and Flower's own periodic enable_events go through broadcast.
+    _app.control.broadcast = _refuse_control
+    enable_events = False  # the workers send events anyway (celeryconfig.py: worker_send_task_events)
 
 persistent = True
 db = os.environ.get("KRONOS_FLOWER_DB", "").strip() or os.path.join(

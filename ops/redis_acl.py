@@ -6,19 +6,26 @@ Reads KRONOS_PRODUCERS, KRONOS_MODELS, KRONOS_QUEUE_PREFIX and KRONOS_BROKER_URL
 event and control channels) like every other process, and writes one user per role:
 
 - `default`: off. A connection that does not authenticate can do nothing.
-- one user per producer (its KRONOS_PRODUCER name): push to its own queues and read their depth; write and
-  read its own job records and results ("<producer>:" job ids, tasks/routing.py) and listen on their
-  channels; read the workers' heartbeats. Nothing else: no FLUSHALL, CONFIG, KEYS or SCAN, no DEL on a
-  queue, no other producer's queue, results or channels, no kombu internals it does not need.
+- one user per producer (its KRONOS_PRODUCER name): push to its own queues' priority lists (exact keys) and
+  read their depth; write and read its own job records and results ("<producer>:" job ids, tasks/routing.py)
+  and listen on their channels; publish (never receive) task-sent events; read the workers' heartbeats.
+  Nothing else: no FLUSHALL, CONFIG, KEYS or SCAN, no DEL on a queue, no binding tables (the workers declare
+  the queues they consume), no other producer's queue, results or channels, no scripts.
 - `kronos-worker`: what Celery, kombu and this worker use (queues, unacked records, results, events,
-  control, heartbeats, quotas, dead letters) and nothing administrative.
-- `kronos-monitor` (Flower, `python -m worker.health`, `kronos-worker status`): read the queues'
-  depth, the heartbeats and the dead letters, receive events and ask workers for their state through
-  Celery's control channel (whose reply lists it may write). It cannot touch queues or read results.
+  control, heartbeats, quotas, dead letters) and nothing administrative. The only user that runs Lua.
+- `kronos-monitor` (Flower by default, `python -m worker.health`, `kronos-worker status`): queue and
+  dead-letter depths, the heartbeats, and Celery's events. No payload (no LRANGE on any list, no unacked
+  record), no control channel (inspect replies carry jobs' arguments, and every other command acts), no Lua.
+- `kronos-operator` (`celery inspect|control`, `python -m tasks.control`, Flower with KRONOS_FLOWER_ROLE=
+  operator, `python -m tasks.deadletter list|show`): the monitor's rights, plus Celery's control channel and
+  its reply lists, the dead letters' contents, and SCRIPT KILL to end a runaway script. No queue writes,
+  no results.
 
 Passwords never enter the file: each user's is read from `<secrets-dir>/redis-<user>.password` (first line)
 and written as its SHA-256 (`#<hex>`), which Redis compares against. A missing password file is an error.
 Commands inside Lua scripts are checked too, which is why the worker's list names what its scripts call.
+A running script holds every other client off (BUSY), so only the worker may load or run one; the other
+roles' kombu processes keep their bindings without scripts (tasks/monitor_transport.py).
 Key patterns follow the names in tasks/ and worker/; tests/test_security_acl.py runs a real worker,
 producers and Flower against a redis-server started with this file.
 """
@@ -31,24 +38,22 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from schemas.heartbeat import HEARTBEAT_KEY
-from tasks.client import JOB_RECORD_PREFIX, RESULT_KEY_PREFIX
+from tasks.client import JOB_RECORD_PREFIX, RESULT_KEY_PREFIX, priority_list
 from tasks.deadletter import DEAD_LETTER_KEY
-from tasks.routing import job_id_prefix, queue_for_model
+from tasks.routing import PRIORITY_STEPS, job_id_prefix, queue_for_model
 from tasks.settings import KronosSettings, SettingsError, load_settings
 
 WORKER_USER = "kronos-worker"
 MONITOR_USER = "kronos-monitor"
-ROLE_USERS = (WORKER_USER, MONITOR_USER)
-# kombu names a queue's priority lists "<queue>\x06\x16<step>". The ACL file holds these two bytes raw, as
-# Redis's own ACL SAVE writes them: its parser splits on spaces and knows no quoting or escapes.
-PRIORITY_LISTS = "\x06\x16*"
+OPERATOR_USER = "kronos-operator"
+ROLE_USERS = (WORKER_USER, MONITOR_USER, OPERATOR_USER)
 
 # Every client: authenticate, pick the DB (broker 0, results 1), pipelines, and what clients send on connect
 # (redis-py's CLIENT SETINFO exists from Redis 7.2 and may be refused: redis-py ignores that).
 CONNECTION = "+ping +hello +auth +select +multi +exec +discard +client|setname +client|id"
 
-PRODUCER_COMMANDS = "+get +mget +set +exists +del +subscribe +unsubscribe +hgetall +publish"
-PRODUCER_QUEUE_COMMANDS = "+lpush +llen +sadd"
+PRODUCER_COMMANDS = "+get +mget +set +exists +del +subscribe +unsubscribe +hgetall"
+PRODUCER_QUEUE_COMMANDS = "+lpush +llen"
 
 WORKER_COMMANDS = (
     "+brpop +blpop +rpop +lpush +rpush +llen +lrange +lrem +ltrim +del +exists +expire +pexpire +ttl +get +mget +set "
@@ -56,19 +61,17 @@ WORKER_COMMANDS = (
     "+zrevrangebyscore +watch +unwatch +publish +subscribe +unsubscribe +psubscribe +punsubscribe +time "
     "+eval +evalsha +script|load +script|exists +info"
 )
-MONITOR_COMMANDS = "+llen +lrange +hgetall +smembers +subscribe +unsubscribe +psubscribe +punsubscribe +publish +info"
-MONITOR_REPLY_COMMANDS = (
-    "+lpush +rpush +brpop +del +sadd +srem +smembers +expire +pexpire +llen +zadd +time +evalsha +script|load "
-    "+script|exists +zrangebyscore +zrem"
-)
+# Depths (LLEN) and the heartbeats' hash: never a list's contents, which are jobs' payloads.
+MONITOR_COMMANDS = "+llen +hgetall +subscribe +unsubscribe +psubscribe +punsubscribe +info"
+# What kombu does with a consumer's own expiring queue (Flower's event queue, a control-reply list): bind it
+# (SADD, and its deadline with ZADD), count it when declaring, delete it on the way out. A reply list is also
+# read and kept alive; events arrive by pub/sub, so nothing is ever pushed onto an event queue's lists.
+OWN_QUEUE_COMMANDS = "+sadd +srem +zadd +llen +del"
+REPLY_LIST_COMMANDS = "+brpop +rpop +pexpire"
 
 
 def password_hash(password: str) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest()
-
-
-def _queue_keys(queue: str) -> str:
-    return f"~{queue} ~{queue}{PRIORITY_LISTS} ~_kombu.binding.{queue} ~_kombu.binding_permanent.{queue}"
 
 
 def _broker_db(settings: KronosSettings) -> int:
@@ -76,14 +79,28 @@ def _broker_db(settings: KronosSettings) -> int:
     return int(path) if path.isdigit() else 0
 
 
+def _own_queue_keys(exchange: str, queues: str) -> str:
+    """A consumer's own queues (glob `queues`) and the binding tables of `exchange`, where kombu binds them."""
+    return f"~{queues} ~_kombu.binding.{exchange} ~_kombu.binding_permanent.{exchange} ~_kombu.binding_deadlines"
+
+
 def producer_rules(producer: str, settings: KronosSettings) -> str:
     prefix = job_id_prefix(producer)
-    queues = " ".join(_queue_keys(queue_for_model(model, settings, producer)) for model in settings.models)
+    # The lists a worker pops, as exact keys: a list no worker reads would fill Redis unseen. (Queue names hold
+    # no glob character, tasks/settings.py; the file holds the separator's bytes raw, as Redis's own ACL SAVE
+    # writes them: its parser splits on spaces and knows no quoting.)
+    own_queues = [queue_for_model(model, settings, producer) for model in settings.models]
+    queues = " ".join(f"~{priority_list(queue, step)}" for queue in own_queues for step in PRIORITY_STEPS)
     results = f"~{RESULT_KEY_PREFIX}{prefix}* &{RESULT_KEY_PREFIX}{prefix}*"
-    # the task-sent event (task_send_sent_event), so that Flower lists a job from the moment it is queued
-    sent_event = f"&/{_broker_db(settings)}.celeryev/task.sent"
-    own = f"{results} {sent_event} ~{JOB_RECORD_PREFIX}{prefix}* %R~{HEARTBEAT_KEY}"
-    return f"resetkeys resetchannels -@all {CONNECTION} {PRODUCER_COMMANDS} {own} ({PRODUCER_QUEUE_COMMANDS} {queues})"
+    own = f"{results} ~{JOB_RECORD_PREFIX}{prefix}* %R~{HEARTBEAT_KEY}"
+    # The task-sent event (task_send_sent_event), so that Flower lists a job from the moment it is queued. A
+    # selector of its own, because an ACL channel grants SUBSCRIBE as much as PUBLISH: the root's SUBSCRIBE
+    # stays on the producer's result channels, and the events of every producer stay unread.
+    sent_event = f"(+publish &/{_broker_db(settings)}.celeryev/task.sent)"
+    return (
+        f"resetkeys resetchannels -@all {CONNECTION} {PRODUCER_COMMANDS} {own} ({PRODUCER_QUEUE_COMMANDS} {queues}) "
+        f"{sent_event}"
+    )
 
 
 def worker_rules(settings: KronosSettings) -> str:
@@ -102,24 +119,23 @@ def worker_rules(settings: KronosSettings) -> str:
 
 def monitor_rules(settings: KronosSettings) -> str:
     db = _broker_db(settings)
-    reads = f"%R~{settings.queue_prefix}.* %R~{HEARTBEAT_KEY} %R~{DEAD_LETTER_KEY} %R~_kombu.binding.*"
-    channels = f"&/{db}.celeryev/* &/{db}.celery.pidbox"
-    # kombu binds the reply queue, which expires, with a script that also keeps the deadline set
-    bindings = (
-        " ".join(
-            f"~_kombu.{table}.{exchange}"
-            for table in ("binding", "binding_permanent")
-            for exchange in ("reply.celery.pidbox", "celeryev")
-        )
-        + " ~_kombu.binding_deadlines"
-    )
-    # its own event queue (celeryev.<uuid>) and control-reply lists
-    replies = f"({MONITOR_REPLY_COMMANDS} ~celeryev.* ~*.reply.celery.pidbox* {bindings})"
-    return f"resetkeys resetchannels -@all {CONNECTION} {MONITOR_COMMANDS} {reads} {channels} {replies}"
+    depths = f"%R~{settings.queue_prefix}.* %R~{HEARTBEAT_KEY} %R~{DEAD_LETTER_KEY}"
+    # its own event queue (celeryev.<uuid>): events arrive by pub/sub, the list only marks the binding
+    events = f"&/{db}.celeryev/* ({OWN_QUEUE_COMMANDS} {_own_queue_keys('celeryev', 'celeryev.*')})"
+    return f"resetkeys resetchannels -@all {CONNECTION} {MONITOR_COMMANDS} {depths} {events}"
+
+
+def operator_rules(settings: KronosSettings) -> str:
+    db = _broker_db(settings)
+    # Celery's control commands: a broadcast on the pidbox channel, answered in the sender's reply list
+    replies = _own_queue_keys("reply.celery.pidbox", "*.reply.celery.pidbox*")
+    control = f"(+publish &/{db}.celery.pidbox) ({OWN_QUEUE_COMMANDS} {REPLY_LIST_COMMANDS} {replies})"
+    # a runaway script holds every client off: the operator may end one (only the worker runs any)
+    return f"{monitor_rules(settings)} +script|kill (+lrange %R~{DEAD_LETTER_KEY}) {control}"
 
 
 def users(settings: KronosSettings) -> list[str]:
-    """Every ACL user this deployment needs: the two roles and one per producer."""
+    """Every ACL user this deployment needs: the roles and one per producer."""
     clash = sorted(set(settings.producers) & {*ROLE_USERS, "default"})
     if clash:
         raise SettingsError(f"KRONOS_PRODUCERS: {', '.join(clash)} is reserved for a role; rename the producer")
@@ -129,6 +145,7 @@ def users(settings: KronosSettings) -> list[str]:
 def render(settings: KronosSettings, hashes: Mapping[str, str]) -> str:
     """The ACL file's text; `hashes` maps each of users(settings) to its password_hash."""
     rules = {WORKER_USER: worker_rules(settings), MONITOR_USER: monitor_rules(settings)}
+    rules[OPERATOR_USER] = operator_rules(settings)
     rules |= {producer: producer_rules(producer, settings) for producer in settings.producers}
     lines = [
         "user default off resetkeys resetchannels -@all",

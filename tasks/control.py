@@ -10,6 +10,8 @@ load fails it keeps the old one. Without --wait the next worker is told as soon 
 accepted; with --wait (a rolling update proper) the next one is told only once the previous one serves the
 new revision, and the roll stops at the first worker that could not, leaving the rest on the old revision.
 Prints one line per worker (or a JSON list); exits 0 when every worker accepted (--wait: switched).
+Control commands reach every worker, so only the `kronos-operator` Redis user may send them
+(ops/redis_acl.py): run this with its credentials.
 """
 
 import argparse

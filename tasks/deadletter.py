@@ -6,6 +6,9 @@ deadlines are not kept: sending them again cannot help. Each entry keeps the job
 operator can inspect it and requeue it under the same job id once the cause is fixed:
 
     python -m tasks.deadletter list | show JOB_ID | requeue JOB_ID | drop JOB_ID   [--json]
+
+The entries hold jobs' candles: `list` and `show` need the `kronos-operator` Redis user (the monitor may count
+them only); `requeue` and `drop` write to a producer's queue and to the list, which the workers' user may.
 """
 
 import argparse

@@ -74,7 +74,12 @@ def producer_job_id(job_id: str | None, producer: str | None) -> str:
 
 def forecast_queues(settings: KronosSettings | None = None) -> tuple[Queue, ...]:
     """The kombu Queues this process may use: the producer's own (KRONOS_PRODUCER) and, for a worker, every
-    listed producer's, per served model (Redis has no x-max-priority: see PRIORITY_STEPS instead)."""
+    listed producer's, per served model (Redis has no x-max-priority: see PRIORITY_STEPS instead).
+
+    A producer process never declares them: declaring writes the queue's binding, which decides where a job
+    requeued from the unacked records goes, so only the workers, which declare the queues they consume, may
+    write bindings (ops/redis_acl.py). A producer's job goes straight onto its queue's list (Celery sends
+    to a direct queue through the nameless exchange), so it waits there even if no worker has ever run."""
     settings = settings or current_settings()
     names: dict[str, None] = {}
     for model in settings.models:
@@ -82,7 +87,8 @@ def forecast_queues(settings: KronosSettings | None = None) -> tuple[Queue, ...]
             names[queue_for_model(model, settings)] = None
         if settings.producers or not settings.producer:
             names.update(dict.fromkeys(serving_queues(model, settings)))
-    return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names)
+    producer = settings.producer is not None
+    return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name, no_declare=producer) for name in names)
 
 
 def default_queue(settings: KronosSettings) -> str:

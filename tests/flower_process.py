@@ -42,9 +42,16 @@ class Flower:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def get(self, path: str, auth: bool = True) -> bytes:
-        token = base64.b64encode(":".join(self.credentials).encode()).decode()
-        headers = {"Authorization": f"Basic {token}"} if auth else {}
-        with urllib.request.urlopen(urllib.request.Request(self.url(path), headers=headers), timeout=10) as response:
+        return self._request(urllib.request.Request(self.url(path)), auth)
+
+    def post(self, path: str) -> bytes:
+        return self._request(urllib.request.Request(self.url(path), data=b"", method="POST"), auth=True)
+
+    def _request(self, request: urllib.request.Request, auth: bool) -> bytes:
+        if auth:
+            token = base64.b64encode(":".join(self.credentials).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.read()
 
     def stop(self) -> None:

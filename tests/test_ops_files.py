@@ -345,16 +345,51 @@ def test_compose_redis_runs_with_the_generated_acl_and_every_client_has_its_user
     command = services["redis"]["command"]
     assert command[command.index("--aclfile") + 1] == "/acl/users.acl"
     assert services["redis"]["depends_on"]["redis-acl"]["condition"] == "service_completed_successfully"
-    for name, user in (("worker-gpu", "kronos-worker"), ("worker-cpu", "kronos-worker"), ("flower", "kronos-monitor")):
+    # Flower's user follows KRONOS_FLOWER_ROLE (monitor unless the deployment says operator): as written here
+    flower_user = "kronos-${KRONOS_FLOWER_ROLE:-monitor}"
+    for name, user in (("worker-gpu", "kronos-worker"), ("worker-cpu", "kronos-worker"), ("flower", flower_user)):
         environment = services[name]["environment"]
         assert environment["KRONOS_BROKER_URL"] == f"redis://{user}@redis:6379/0", name
         assert environment["KRONOS_REDIS_PASSWORD_FILE"] == f"/run/secrets/redis-{user}.password", name
-        assert services[name]["secrets"] == [f"redis-{user}.password"], name
-    assert all(
-        "password" not in str(value).lower() or "FILE" in key or key.startswith(("KRONOS_FLOWER", "GF_"))
-        for service in services.values()
-        for key, value in (service.get("environment") or {}).items()
-    )
+        assert f"redis-{user}.password" in services[name]["secrets"], name
+    assert services["flower"]["environment"]["KRONOS_FLOWER_ROLE"] == "${KRONOS_FLOWER_ROLE:-monitor}"
+
+
+# Names of variables that carry a secret's value; a name ending in one of FILE_SUFFIXES carries a file's path.
+SECRET_NAME = re.compile(
+    r"(^|_)(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIALS?|BASIC_AUTH|API_?KEY|PRIVATE_?KEY)(_|$)", re.IGNORECASE
+)
+FILE_SUFFIXES = ("_FILE", "_PATH")  # Grafana's GF_<OPTION>__FILE ends in _FILE too
+
+
+def test_compose_passes_every_secret_as_a_file(compose):
+    """`docker inspect` shows a container's environment: a secret goes into a compose secret, and the
+    environment names only the file it is mounted as."""
+    for name, service in compose["services"].items():
+        environment = service.get("environment") or {}
+        mounted = {f"/run/secrets/{secret}" for secret in service.get("secrets", [])}
+        for key, value in environment.items():
+            if SECRET_NAME.search(key):
+                assert key.endswith(FILE_SUFFIXES), f"{name}: {key} holds a secret: mount a file instead"
+                assert value in mounted, f"{name}: {key}={value} is not one of its secrets"
+            # nor one inside another value, such as a password in a URL
+            uninterpolated = re.sub(r"\$\{[^}]*\}", "VARIABLE", str(value))  # `${NAME:-default}` has a colon
+            assert not re.search(r"://[^/@\s]*:[^/@\s]*@", uninterpolated), f"{name}: {key} has a password in a URL"
+    assert set(compose["secrets"]) >= {
+        "redis-kronos-worker.password", "redis-kronos-monitor.password", "redis-kronos-operator.password",
+        "flower-basic-auth", "grafana-admin.password", "hf-token",
+    }  # fmt: skip
+
+
+def test_make_secrets_creates_every_file_compose_mounts(compose, tmp_path):
+    env = dict(os.environ, KRONOS_SECRETS_DIR=str(tmp_path), KRONOS_PRODUCERS="reports,backfill")
+    made = subprocess.run(["bash", str(OPS / "make-secrets.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    files = {Path(secret["file"]).name for secret in compose["secrets"].values()}
+    assert files <= {path.name for path in tmp_path.iterdir()}
+    assert all(path.stat().st_mode & 0o077 == 0 for path in tmp_path.iterdir())
+    user, _, password = (tmp_path / "flower-basic-auth").read_text().partition(":")
+    assert user and len(password) >= 20
 
 
 def test_compose_workers_outlast_their_longest_job(compose):
@@ -372,7 +407,8 @@ def test_compose_workers_outlast_their_longest_job(compose):
 
 def test_compose_flower_requires_credentials_and_preload_fills_the_cache(compose):
     flower = compose["services"]["flower"]
-    assert flower["environment"]["KRONOS_FLOWER_BASIC_AUTH"].startswith("${KRONOS_FLOWER_BASIC_AUTH:?")
+    assert flower["environment"]["KRONOS_FLOWER_BASIC_AUTH_FILE"] == "/run/secrets/flower-basic-auth"
+    assert "flower-basic-auth" in flower["secrets"]
     assert any(volume.endswith(":/data") for volume in flower["volumes"])
     preload = compose["services"]["preload"]
     assert preload["entrypoint"] == ["python", "/opt/kronos/preload.py"] and "models:/models" in preload["volumes"]
@@ -391,7 +427,7 @@ def compose_cli() -> list[str] | None:
 @pytest.mark.skipif(compose_cli() is None, reason="neither `docker compose` nor docker-compose is installed")
 def test_compose_config_validates_and_demands_secrets():
     command = [*compose_cli(), "-f", str(COMPOSE), "--profile", "cpu", "--profile", "preload", "config", "-q"]
-    required = {"KRONOS_FLOWER_BASIC_AUTH": "ops:pw", "GRAFANA_ADMIN_PASSWORD": "pw", "KRONOS_PRODUCERS": "reports"}
+    required = {"KRONOS_PRODUCERS": "reports"}  # secrets are files (test_compose_passes_every_secret_as_a_file)
     base = {k: v for k, v in os.environ.items() if k not in required}
     ok = subprocess.run(command, env={**base, **required}, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
@@ -399,6 +435,14 @@ def test_compose_config_validates_and_demands_secrets():
         unset = {key: value for key, value in required.items() if key != name}
         missing = subprocess.run(command, env={**base, **unset}, capture_output=True, text=True, timeout=60)
         assert missing.returncode != 0 and name in missing.stderr, name
+    resolved = [*command[:-1]]  # without -q: the resolved file
+    as_operator = subprocess.run(resolved, env={**base, **required, "KRONOS_FLOWER_ROLE": "operator"},
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+    flower = yaml.safe_load(as_operator.stdout)["services"]["flower"]
+    assert flower["environment"]["KRONOS_BROKER_URL"] == "redis://kronos-operator@redis:6379/0"
+    assert [secret if isinstance(secret, str) else secret["source"] for secret in flower["secrets"]] == [
+        "redis-kronos-operator.password", "flower-basic-auth"
+    ]  # fmt: skip
 
 
 def test_compose_variables_are_documented():
@@ -467,10 +511,14 @@ def flower_config(monkeypatch, **env) -> dict:
     """flowerconfig.py's settings as Flower would load them with exactly these KRONOS_FLOWER_* variables."""
     import flower.options  # noqa: F401  (defines the options flowerconfig.py reads, as Flower does first)
 
+    from tasks.app import app
+
     for name in [name for name in os.environ if name.startswith("KRONOS_FLOWER_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # as the monitor, flowerconfig.py takes control commands away from the app: give them back afterwards
+    monkeypatch.setattr(app.control, "broadcast", app.control.broadcast)
     return runpy.run_path(str(REPO_ROOT / "flowerconfig.py"))
 
 
@@ -495,6 +543,44 @@ def test_flower_config_from_environment(monkeypatch, tmp_path):
     assert "args" in config["tasks_columns"].split(",")
     open_config = flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=str(db))
     assert "basic_auth" not in open_config
+
+
+def test_flower_reads_its_logins_from_a_file(monkeypatch, tmp_path):
+    logins = tmp_path / "flower-basic-auth"
+    logins.write_text("ops:pw\nviewer:pw2,auditor:pw3\n")
+    db = str(tmp_path / "flower.db")
+    config = flower_config(monkeypatch, KRONOS_FLOWER_BASIC_AUTH_FILE=str(logins), KRONOS_FLOWER_DB=db)
+    assert config["basic_auth"] == ["ops:pw", "viewer:pw2", "auditor:pw3"]
+    refusals = {
+        "both": dict(KRONOS_FLOWER_BASIC_AUTH_FILE=str(logins), KRONOS_FLOWER_BASIC_AUTH="ops:pw"),
+        "cannot read": dict(KRONOS_FLOWER_BASIC_AUTH_FILE=str(tmp_path / "missing")),
+    }
+    for message, env in refusals.items():
+        with pytest.raises(SystemExit, match=message):
+            flower_config(monkeypatch, KRONOS_FLOWER_DB=db, **env)
+    logins.write_text("ops\n")
+    with pytest.raises(SystemExit, match="KRONOS_FLOWER_BASIC_AUTH_FILE must be user:password") as malformed:
+        flower_config(monkeypatch, KRONOS_FLOWER_BASIC_AUTH_FILE=str(logins), KRONOS_FLOWER_DB=db)
+    assert "ops" not in str(malformed.value).replace("flowerconfig.py", "")
+
+
+def test_flower_as_the_monitor_sends_no_control_command(monkeypatch, tmp_path):
+    from tasks.app import app
+
+    db = str(tmp_path / "flower.db")
+    monitor = flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=db)
+    assert monitor["role"] == "monitor" and monitor["enable_events"] is False
+    for command in ("shutdown", "revoke", "stats", "kronos_load_model"):
+        with pytest.raises(PermissionError, match="KRONOS_FLOWER_ROLE=monitor"):
+            app.control.broadcast(command, reply=True, timeout=0.1)
+    assert app.control.broadcast("heartbeat") is None  # the event receiver's wake-up call is skipped quietly
+    monkeypatch.undo()
+    operator = flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=db,
+                             KRONOS_FLOWER_ROLE="operator")  # fmt: skip
+    assert "enable_events" not in operator and "_refuse_control" not in operator
+    assert getattr(app.control.broadcast, "__func__", None) is type(app.control).broadcast
+    with pytest.raises(SystemExit, match="monitor or operator"):
+        flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=db, KRONOS_FLOWER_ROLE="admin")
 
 
 def test_flower_format_task_shows_the_job_not_its_candles(monkeypatch, tmp_path):

@@ -38,8 +38,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from schemas.heartbeat import HEARTBEAT_KEY
-from tasks.client import JOB_RECORD_PREFIX, RESULT_KEY_PREFIX, priority_list
+from tasks.client import priority_list
 from tasks.deadletter import DEAD_LETTER_KEY
+from tasks.keys import CONFLICT_KEY_PREFIX, JOB_RECORD_PREFIX, RESULT_KEY_PREFIX
 from tasks.routing import PRIORITY_STEPS, job_id_prefix, queue_for_model
 from tasks.settings import KronosSettings, SettingsError, load_settings
 
@@ -57,8 +58,8 @@ PRODUCER_QUEUE_COMMANDS = "+lpush +llen"
 
 WORKER_COMMANDS = (
     "+brpop +blpop +rpop +lpush +rpush +llen +lrange +lrem +ltrim +del +exists +expire +pexpire +ttl +get +mget +set "
-    "+setex +hset +hget +hmget +hdel +hgetall +hexists +hincrby +sadd +srem +smembers +sismember +zadd +zrem +zrange +zrangebyscore "
-    "+zrevrangebyscore +watch +unwatch +publish +subscribe +unsubscribe +psubscribe +punsubscribe +time "
+    "+setex +hset +hget +hmget +hdel +hgetall +hexists +hincrby +sadd +srem +smembers +sismember +zadd +zrem +zrange "
+    "+zrangebyscore +zrevrangebyscore +watch +unwatch +publish +subscribe +unsubscribe +psubscribe +punsubscribe +time "
     "+eval +evalsha +script|load +script|exists +info"
 )
 # Depths (LLEN) and the heartbeats' hash: never a list's contents, which are jobs' payloads.
@@ -92,7 +93,8 @@ def producer_rules(producer: str, settings: KronosSettings) -> str:
     own_queues = [queue_for_model(model, settings, producer) for model in settings.models]
     queues = " ".join(f"~{priority_list(queue, step)}" for queue in own_queues for step in PRIORITY_STEPS)
     results = f"~{RESULT_KEY_PREFIX}{prefix}* &{RESULT_KEY_PREFIX}{prefix}*"
-    own = f"{results} ~{JOB_RECORD_PREFIX}{prefix}* %R~{HEARTBEAT_KEY}"
+    # its job records, and the refusals of requests it sent under an id already used (worker/claims.py)
+    own = f"{results} ~{JOB_RECORD_PREFIX}{prefix}* %R~{CONFLICT_KEY_PREFIX}{prefix}* %R~{HEARTBEAT_KEY}"
     # The task-sent event (task_send_sent_event), so that Flower lists a job from the moment it is queued. A
     # selector of its own, because an ACL channel grants SUBSCRIBE as much as PUBLISH: the root's SUBSCRIBE
     # stays on the producer's result channels, and the events of every producer stay unread.

@@ -1,10 +1,10 @@
 """The Redis keys that hold one job, in the result DB, named in one place (docs/PRODUCERS.md lists them).
 
-    celery-task-meta-<id>   its state and answer: Celery's result document, written only by workers; a final
-                            SUCCESS or FAILURE is never replaced (worker/results.py)
-    kronos:job:<id>         the Python client's record of a submitted job: series, model, request digest
-    kronos:claim:<id>       the worker run that holds the job (owner and lease), its digest, runs, final state
-    kronos:conflict:<id>    why a request sent under an id that names another request was refused (a JobError)
+celery-task-meta-<id>   its state and answer: Celery's result document, written only by workers; a final
+                        SUCCESS or FAILURE is never replaced (worker/results.py)
+kronos:job:<id>         the Python client's record of a submitted job: series, model, request digest
+kronos:claim:<id>       the worker run that holds the job (owner and lease), its digest, runs, final state
+kronos:conflict:<id>    why a request sent under an id that names another request was refused (a JobError)
 """
 
 RESULT_KEY_PREFIX = "celery-task-meta-"

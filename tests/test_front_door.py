@@ -22,12 +22,14 @@ from test_security_acl import (  # noqa: F401 - module fixtures: one server and 
     MODEL,
     SERVED,
     acl_env,
+    acl_file,
     admin,
     admin_results,
     clients,
     connect,
     metrics_port,
     queue_of,
+    redis_7,
     sample,
     scrape,
     secrets,
@@ -154,6 +156,7 @@ def test_a_retry_count_written_by_a_producer_does_not_skip_its_quota(clients, me
     ]
     outcomes = []
     for handle in handles:
+        wait_for(lambda handle=handle: gamma._is_known(handle.id), what="an answer")
         try:
             gamma.job(handle.id).wait(timeout=60)
             outcomes.append("ok")

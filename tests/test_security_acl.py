@@ -294,7 +294,9 @@ def test_a_job_id_outside_the_producers_namespace_is_never_run_nor_stored(
         alpha.lpush(f"{queue_of('alpha')}\x06\x165", chained)
     wait_for(lambda: admin.llen(POISON_KEY) == poison_before + 2, what="both messages quarantined")
     assert admin_results.get(f"celery-task-meta-{victim.id}") == before  # beta's result untouched
-    assert not admin_results.exists("celery-task-meta-alpha:with-callback")
+    # alpha's own id: refused, never run, and answered so that alpha learns why
+    refusal = json.loads(admin_results.get("celery-task-meta-alpha:with-callback"))
+    assert refusal["status"] == "FAILURE" and "follow-up work" in refusal["result"]["exc_message"][0]["message"]
     assert victim.id in " ".join(admin.lrange(POISON_KEY, 0, 1))
     assert clients["beta"].job(victim.id).wait(timeout=5) == stored
     assert "outside producer alpha's namespace" in worker.log() and "follow-up work" in worker.log()

@@ -49,9 +49,10 @@ FOLLOW_UP_OPTIONS = ("callbacks", "errbacks", "chain", "chord")
 
 
 def max_message_bytes(max_payload_bytes: int) -> int:
-    """The largest item a queue may hold: a request of KRONOS_MAX_PAYLOAD_BYTES, base64-encoded (4/3) in
-    its body, and 16 KiB of envelope."""
-    return 4 * (max_payload_bytes + 1024) // 3 + 16 * 1024
+    """The largest item a queue may hold: twice KRONOS_MAX_PAYLOAD_BYTES (a request base64-encoded in its body
+    is 4/3 of it; up to twice, a request somewhat over its limit still reaches validation and is answered
+    INVALID_INPUT, naming the limit) and 64 KiB of envelope. A larger item is never decoded, nor answered."""
+    return 2 * max_payload_bytes + 64 * 1024
 
 
 class Refused(Exception):
@@ -79,19 +80,9 @@ def admit(raw: bytes | str, queue: str, priority: int, gate: Gate) -> dict:
         raise Refused(f"the message is {len(raw)} bytes, more than the limit of {gate.max_message_bytes}")
     envelope = _strict_json(raw, MAX_ENVELOPE_DEPTH, "the message")
     _require(isinstance(envelope, dict), "the message is not a JSON object")
-    _only_keys(envelope, ENVELOPE_KEYS, "the message")
-    _require(envelope.get("content-type") == JSON_CONTENT_TYPE, "the content type is not application/json")
-    _require(envelope.get("content-encoding", "utf-8") == "utf-8", "the content encoding is not utf-8")
     properties, headers = envelope.get("properties"), envelope.get("headers")
     _require(isinstance(properties, dict), "properties is not an object")
     _require(isinstance(headers, dict), "headers is not an object")
-    _only_keys(properties, PROPERTIES, "properties")
-    _only_keys(headers, HEADERS, "headers")
-    for name, check in PROPERTIES.items():
-        _require(check(properties.get(name)), f"properties.{name} is not allowed as {_shown(properties.get(name))}")
-    _require(properties.get("body_encoding") == "base64", "properties.body_encoding is not base64")
-    _require(_is_text(properties.get("delivery_tag")), "properties.delivery_tag is not a short string")
-
     task, job_id = headers.get("task"), headers.get("id")
     _require(task == FORECAST_TASK, f"task {_shown(task)} is not {FORECAST_TASK}")
     _require(isinstance(job_id, str) and len(job_id) <= 128 and re.fullmatch(JOB_ID_PATTERN, job_id) is not None,
@@ -99,7 +90,7 @@ def admit(raw: bytes | str, queue: str, priority: int, gate: Gate) -> dict:
     prefix = job_id_prefix(gate.producer)
     _require(job_id.startswith(prefix) and len(job_id) > len(prefix),
              f"task id {job_id!r} is outside producer {gate.producer}'s namespace {prefix}*")  # fmt: skip
-    # From here the refusal is about this producer's own job: it may be answered under its id.
+    # From here the refusal is about this producer's own job: it is answered under its id.
     try:
         return _canonical(envelope, properties, headers, job_id, queue, priority, gate)
     except Refused as refused:
@@ -107,6 +98,13 @@ def admit(raw: bytes | str, queue: str, priority: int, gate: Gate) -> dict:
 
 
 def _canonical(envelope, properties, headers, job_id, queue, priority, gate) -> dict:
+    _only_keys(envelope, ENVELOPE_KEYS, "the message")
+    _require(envelope.get("content-type") == JSON_CONTENT_TYPE, "the content type is not application/json")
+    _require(envelope.get("content-encoding", "utf-8") == "utf-8", "the content encoding is not utf-8")
+    _only_keys(properties, PROPERTIES, "properties")
+    _only_keys(headers, HEADERS, "headers")
+    for name, check in PROPERTIES.items():
+        _require(check(properties.get(name)), f"properties.{name} is not allowed as {_shown(properties.get(name))}")
     for name, check in HEADERS.items():
         _require(check(headers.get(name)), f"headers.{name} is not allowed as {_shown(headers.get(name))}")
     retries = headers.get("retries") or 0
@@ -139,7 +137,8 @@ def _canonical(envelope, properties, headers, job_id, queue, priority, gate) -> 
             "argsrepr": json.dumps({key: request.get(key) for key in ("series_id", "model")}),
             "kwargsrepr": "{}",
             "origin": headers.get("origin") if isinstance(headers.get("origin"), str) else None,
-            "ignore_result": False,
+            # the task stores every state itself, once it holds the job's claim (worker/jobs.py)
+            "ignore_result": True,
             SENT_AT_HEADER: sent_at,
         },
         "properties": {
@@ -290,6 +289,8 @@ PROPERTIES: dict[str, Callable[[Any], bool]] = {
     "delivery_mode": _optional(_whole(1, 2)),
     "delivery_info": _optional(_small_route),
     "priority": _optional(_whole(0, 255)),
+    "origin": _optional(lambda value: isinstance(value, str) and len(value) <= MAX_TEXT),
+    "redelivered": _optional(lambda value: isinstance(value, bool)),
     "body_encoding": lambda value: value == "base64",
     "delivery_tag": _is_text,
 }

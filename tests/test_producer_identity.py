@@ -15,7 +15,7 @@ from tasks.routing import (
     serving_queues,
 )
 from tasks.settings import SettingsError, load_settings
-from worker.admission import refusal
+from worker.admission import Gate, Refused, admit
 from worker.settings import load_worker_settings
 
 DEPLOYMENT = {"KRONOS_MODELS": "kronos-small,kronos-base", "KRONOS_PRODUCERS": "reports,backfill"}
@@ -106,6 +106,17 @@ def message(task_id="reports:1", *, task=FORECAST_TASK, embed=None, eta=None, en
     }
 
 
+def refusal(envelope: dict, producer: str | None, max_delay: float) -> str | None:
+    """Why admission refuses the envelope pushed onto `producer`'s queue, or None (it then builds a message)."""
+    gate = Gate(producer=producer, max_message_bytes=100_000, max_delay_seconds=max_delay, max_retries=3)
+    try:
+        admitted = admit(json.dumps(envelope), "kronos.kronos-small.reports", 5, gate)
+    except Refused as refused:
+        return refused.reason
+    assert admitted["headers"]["id"] == envelope["headers"]["id"]
+    return None
+
+
 def test_a_producers_own_forecast_is_admitted():
     assert refusal(message(), "reports", 600) is None
     assert refusal(message("anything"), None, 600) is None  # shared queues have no namespaces
@@ -113,22 +124,61 @@ def test_a_producers_own_forecast_is_admitted():
     assert refusal(message(eta=soon), "reports", 600) is None
 
 
+def test_the_admitted_message_is_built_from_the_allowed_fields_only():
+    pushed = message(origin="host", retries=1)
+    pushed["properties"]["delivery_info"] = {"exchange": "elsewhere", "routing_key": "elsewhere"}
+    gate = Gate(producer="reports", max_message_bytes=100_000, max_delay_seconds=600, max_retries=3)
+    admitted = admit(json.dumps(pushed), "kronos.kronos-small.reports", 7, gate)
+    assert admitted["properties"]["delivery_info"] == {
+        "exchange": "kronos.kronos-small.reports",
+        "routing_key": "kronos.kronos-small.reports",
+    }
+    assert admitted["properties"]["priority"] == 7  # the list it was popped from, not what the sender wrote
+    assert admitted["headers"]["ignore_result"] is True and admitted["headers"]["retries"] == 1
+    body = json.loads(base64.b64decode(admitted["body"]))
+    assert body == [[{"series_id": "s"}], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+
+
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
         (message("backfill:1"), "outside producer reports's namespace"),
         (message("reports:"), "outside producer reports's namespace"),
-        (message(None), "outside producer reports's namespace"),
+        (message(None), "is not a job id"),
+        (message("reports:a\nb"), "is not a job id"),
         (message(task="celery.chain"), "is not kronos.forecast"),
         (message(task=None), "is not kronos.forecast"),  # Celery's protocol 1
         (message(embed={"callbacks": [{"task": "celery.map"}]}), "follow-up work (callbacks)"),
-        (message(embed={"chain": [{"task": "x"}]}, encoding="utf-8"), "follow-up work (chain)"),
+        (message(embed={"chain": [{"task": "x"}]}, encoding="utf-8"), "body_encoding"),
         (message(embed={"errbacks": [{"task": "x"}]}), "follow-up work (errbacks)"),
-        (message(group="g1"), "'group' header"),
-        (message(chord={"task": "x"}), "'chord' header"),
+        (message(group="g1"), "headers.group"),
+        (message(chord={"task": "x"}), "headers.chord"),
         (message(eta=(datetime.now(UTC) + timedelta(hours=2)).isoformat()), "more than the visibility timeout"),
         (message(eta="tomorrow"), "not an ISO 8601 time"),
+        (message(retries=4), "more than KRONOS_MAX_RETRIES"),
+        (message(kronos_sent_at="now"), "headers.kronos_sent_at"),
+        (message(surprise=1), "fields a forecast does not use"),
+        (message(embed={"callbacks": None, "link": 1}), "fields a forecast does not use"),
     ],
 )
 def test_a_message_asking_for_more_than_its_forecast_is_refused(bad, reason):
     assert reason in refusal(bad, "reports", 600)
+
+
+def test_a_dict_body_and_lenient_base64_are_refused():
+    dict_body = message()
+    dict_body["body"] = base64.b64encode(json.dumps({"args": [{}], "kwargs": {}, "callbacks": [1]}).encode()).decode()
+    assert "[args, kwargs, embed]" in refusal(dict_body, "reports", 600)
+    stray = message(embed={"callbacks": [{"task": "x"}]})
+    stray["body"] = stray["body"][:10] + "!" + stray["body"][10:]
+    assert "strict base64" in refusal(stray, "reports", 600)
+
+
+def test_non_finite_numbers_and_deep_nesting_in_the_envelope_are_refused():
+    nan = json.dumps(message()).replace('"eta": null', '"eta": null, "kronos_sent_at": NaN')
+    gate = Gate(producer="reports", max_message_bytes=10_000_000, max_delay_seconds=600, max_retries=3)
+    with pytest.raises(Refused, match="not strict JSON"):
+        admit(nan, "q", 5, gate)
+    deep = json.dumps(message()).replace('"eta": null', '"eta": null, "argsrepr": ' + "[" * 50_000 + "]" * 50_000)
+    with pytest.raises(Refused):
+        admit(deep, "q", 5, gate)

@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import CANDLE_COLUMNS, ErrorCode, ForecastRequest, JobFailed, Limits, validate_job
+from schemas import CANDLE_COLUMNS, ErrorCode, ForecastRequest, JobFailed, Limits, job_digest, validate_job
 
 REQUEST_FIELDS = sorted(ForecastRequest.model_fields)
 LIMITS = Limits(min_candles=2)
@@ -132,3 +132,9 @@ def test_generated_valid_jobs_are_accepted_and_round_trip(
     request = validate_job(json.dumps(payload), LIMITS)
     assert len(request.resolved_future_timestamps()) == pred_len
     assert validate_job(json.dumps(request.model_dump(mode="json")), LIMITS) == request
+    # the client's record and the worker's claim digest the same request alike: as the client built it, as it
+    # arrives (the client's wire form, its job id added), with every default written out or left out
+    sent = request.model_copy(update={"job_id": "reports:1", "priority": 3}).model_dump(mode="json", exclude_none=True)
+    arrived = validate_job(json.dumps(sent), LIMITS)
+    assert job_digest(arrived) == job_digest(request) == job_digest(ForecastRequest.model_validate(payload))
+    assert job_digest(request.model_copy(update={"seed": 7})) != job_digest(request.model_copy(update={"seed": 8}))

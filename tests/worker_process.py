@@ -56,10 +56,13 @@ def producer_app(env: dict[str, str], **conf) -> Celery:
 class WorkerProcess:
     """Start with `start()`; `wait_ready()` returns once the model is loaded and the consumer runs."""
 
-    def __init__(self, env: dict[str, str], name: str = "cpu", extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self, env: dict[str, str], name: str = "cpu", extra_args: tuple[str, ...] = (), *, documented: bool = False
+    ):
         self.env = env
         self.name = f"{name}@%h"
-        self.extra_args = extra_args
+        # documented: started as the docs start one (mingle and gossip on), not quietened for speed
+        self.extra_args = extra_args if documented else ("--without-mingle", "--without-gossip", *extra_args)
         self.log_path = Path(tempfile.mkstemp(prefix=f"kronos-worker-{name}-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
 
@@ -67,7 +70,7 @@ class WorkerProcess:
         command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-n", self.name, "-l", "info"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [*command, "--without-mingle", "--without-gossip", *self.extra_args],
+                [*command, *self.extra_args],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdout=log,

@@ -204,8 +204,7 @@ class JobRunner:
         # The message's visibility clock started at its fetch, before now: what this delivery may still spend
         # on Redis calls that must succeed, before a second worker may be handed the job.
         deadline = time.monotonic() + self.visibility_timeout
-        request, invalid = _validated(payload, self.limits)
-        digest = job_digest(request if request is not None else payload)
+        request, invalid, digest = _validated(payload, self.limits)
         try:
             claim = retry_transient(lambda: self.claims.claim(job_id, digest), deadline, f"job {job_id}: claim")
         except RedisUnreachable as exc:
@@ -435,12 +434,19 @@ class JobRunner:
         return report
 
 
-def _validated(payload, limits: Limits) -> tuple[ForecastRequest | None, JobFailed | None]:
-    """The request, or why it is invalid (raised once the job is claimed, so that it is answered once)."""
+def _validated(payload, limits: Limits) -> tuple[ForecastRequest | None, JobFailed | None, str]:
+    """The request, or why it is invalid (raised once the job is claimed, so that it is answered once), and
+    the request's digest: that of the well-formed request even when it is over a limit, as its client
+    recorded it (schemas.job_digest), else that of the payload as sent."""
     try:
-        return validate_job(payload, limits), None
+        request = validate_job(payload, limits)
     except JobFailed as invalid:
-        return None, invalid
+        try:
+            digest = job_digest(ForecastRequest.model_validate(payload))
+        except Exception:  # not a request at all
+            digest = job_digest(payload)
+        return None, invalid, digest
+    return request, None, job_digest(request)
 
 
 def series_input(request: ForecastRequest) -> SeriesInput:

@@ -82,7 +82,9 @@ class ForecastRequest(BaseModel):
     model: str = Field("kronos-small", min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)
     model_revision: str | None = Field(None, min_length=1, max_length=200, pattern=REVISION_PATTERN)
     deadline: AwareDatetime | None = Field(None, description="A job not started by then is not run.")
-    priority: StrictInt | None = Field(None, ge=0, le=9, description="0 is the highest (kombu Redis).")
+    priority: StrictInt | None = Field(
+        None, ge=0, le=9, description="1 is served first, 9 last; 5 is the default, and 0 the same."
+    )
 
     @field_validator("freq")
     @classmethod

@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--top-k", type=int, help="1 gives greedy decoding")
     submit.add_argument("--top-p", type=float)
     submit.add_argument("--model", help="served model (default kronos-small)")
-    submit.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0 is served first")
+    submit.add_argument(
+        "--priority", type=int, choices=range(10), metavar="0-9", help="1 first, 9 last; 5 is the default, 0 the same"
+    )
     submit.add_argument("--series-id", help="default: the file name without .csv")
     submit.add_argument("--job-id", help="your own id: submitting it again does not create a second job")
     submit.add_argument("--wait", action="store_true", help="wait for the result and print it")

@@ -27,12 +27,16 @@ from tasks.settings import KronosSettings, current_settings
 FORECAST_TASK = "kronos.forecast"
 MODEL_ARGUMENT = "model"
 
-# On Redis every step is a separate list per queue and 0 is served first (the reverse of RabbitMQ).
-# All ten steps, so a priority a producer sets is never rounded to a neighbour.
+# On Redis every step is a separate list per queue (kombu's). All ten steps, so a priority a producer sets is
+# never rounded to a neighbour.
 PRIORITY_STEPS = tuple(range(10))
-# kombu treats a message without priority as 0, the most urgent; the router gives forecasts a middle
-# priority instead, so urgent jobs (0-4) can overtake routine ones and backfills (6-9) yield to both.
+# One scale for every client: 1 is served first, 9 last, 5 is the default. kombu files a message sent without
+# a priority (every stock client's, celery-node's, `celery call`'s) or with 0 in the queue's bare list, which it
+# would serve before everything else; workers serve that list with 5's instead (worker/transport.py), so a job
+# sent without a priority is a default job whoever sent it, urgent jobs (1-4) overtake it and backfills (6-9)
+# yield to it.
 DEFAULT_PRIORITY = 5
+CONSUMPTION_ORDER = (1, 2, 3, 4, 0, 5, 6, 7, 8, 9)
 
 
 def queue_for_model(model: str, settings: KronosSettings | None = None, producer: str | None = None) -> str:

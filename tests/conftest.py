@@ -5,13 +5,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis_server import RedisServer
+from redis_server import RedisServer, strict_json_violations
 
 # The tests run tiny checkpoints: one intra-op thread is fastest and keeps a 2-core machine responsive
 # (read by torch when it is first imported, and inherited by worker subprocesses).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def results_are_strict_json() -> Iterator[None]:
+    """Every result document any test's Redis held when it closed parses with a strict JSON parser (RFC 8259),
+    as other languages' parsers (Node's JSON.parse) require."""
+    yield
+    assert not strict_json_violations, strict_json_violations[:10]
 
 
 @pytest.fixture(scope="session")

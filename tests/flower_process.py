@@ -15,9 +15,10 @@ from worker_process import REPO_ROOT
 class Flower:
     """Started with the env's KRONOS_* settings; `get` sends HTTP basic auth with `credentials` unless told not to."""
 
-    def __init__(self, env: dict[str, str], credentials: tuple[str, str]):
+    def __init__(self, env: dict[str, str], credentials: tuple[str, str], cwd=REPO_ROOT):
         self.env = env
         self.credentials = credentials
+        self.cwd = cwd  # where it is started from (flowerconfig.py is found wherever that is)
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -25,7 +26,7 @@ class Flower:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={self.port}"],
             env=dict(self.env, KRONOS_FLOWER_PORT=str(self.port)),
-            cwd=REPO_ROOT,  # where Flower finds flowerconfig.py
+            cwd=self.cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -5,6 +5,7 @@ Never the Redis on 6379: a developer's may hold real data, and a fresh CI machin
 
 import atexit
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -95,6 +96,14 @@ def _redis_servers() -> list[str]:
         if bundled.is_file() and str(bundled) not in found:
             found.append(str(bundled))
     return found
+
+
+# Result documents that were not strict JSON, from every server the session closed (conftest asserts none).
+strict_json_violations: list[str] = []
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def free_port() -> int:
@@ -214,14 +223,33 @@ class RedisServer:
         return self.start()
 
     def close(self) -> None:
-        """Stop the server and delete its directory."""
+        """Check its result documents (strict_json_violations), stop the server and delete its directory."""
         try:
+            if self.running:
+                strict_json_violations.extend(self._results_that_are_not_strict_json())
             self.stop()
         finally:
             atexit.unregister(self._kill_at_exit)
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
                 self.directory = None
+
+    def _results_that_are_not_strict_json(self) -> list[str]:
+        """The result documents (celery-task-meta-*, in the broker and result DBs) that a strict JSON parser
+        (RFC 8259: no NaN, no Infinity) refuses. A server whose default user is off is not looked at."""
+        found = []
+        try:
+            for db in (0, 1):
+                with self.client(db) as client:
+                    for key in client.scan_iter("celery-task-meta-*", count=1000):
+                        document = client.get(key)
+                        try:
+                            json.loads(document, parse_constant=_not_json)
+                        except ValueError as exc:
+                            found.append(f"{key!r}: {exc}: {document[:200]!r}")
+        except redis.RedisError:  # an ACL or TLS server the plain client may not read
+            return found
+        return found
 
     def log_tail(self, lines: int = 30) -> str:
         try:

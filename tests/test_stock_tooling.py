@@ -4,11 +4,16 @@ the worker's transport as Celery expects, and nothing lands in the poison list."
 
 import subprocess
 import sys
+import urllib.error
 
+import kronos_cases as kc
 import pytest
-from redis_server import RedisServer
-from worker_process import REPO_ROOT, WorkerProcess, serving_env
+from flower_process import Flower
+from redis_server import RedisServer, free_port
+from worker_process import REPO_ROOT, WorkerProcess, producer_app, serving_env
 
+from schemas import ForecastRequest
+from tasks.routing import FORECAST_TASK
 from worker.transport import POISON_KEY
 
 pytestmark = pytest.mark.integration
@@ -18,9 +23,11 @@ pytestmark = pytest.mark.integration
 def fleet():
     with RedisServer() as server:
         env = serving_env(server)
+        # two CPU workers on one host: each its own metrics port, as docs/CONFIGURATION.md says
+        first_env, second_env = ({**env, "KRONOS_METRICS_PORT": str(free_port())} for _ in range(2))
         with (
-            WorkerProcess(env, name="first", documented=True) as first,
-            WorkerProcess(env, name="second", documented=True) as second,
+            WorkerProcess(first_env, name="first", documented=True) as first,
+            WorkerProcess(second_env, name="second", documented=True) as second,
         ):
             yield server, env, (first, second)
 
@@ -43,3 +50,51 @@ def test_workers_started_the_documented_way_log_no_error_and_refuse_nothing(flee
         errors = [line for line in worker.log().splitlines() if '"level": "ERROR"' in line or "ERROR/" in line]
         assert not errors, errors
     assert server.client(0).llen(POISON_KEY) == 0
+
+
+def test_flower_started_from_another_directory_still_demands_a_login(fleet, tmp_path):
+    """flowerconfig.py is found wherever Flower starts: without a login configured it refuses to start, with
+    one it refuses requests that do not bring it."""
+    _, env, _ = fleet
+    command = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={free_port()}"]
+    bare = {k: v for k, v in env.items() if not k.startswith(("KRONOS_FLOWER_", "FLOWER_"))}
+    refused = subprocess.run(command, cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "refusing to start Flower without authentication" in refused.stderr
+
+    login = tmp_path / "flower-login"
+    login.write_text("ops:secret\n")
+    flower = Flower({**bare, "KRONOS_FLOWER_BASIC_AUTH_FILE": str(login)}, ("ops", "secret"), cwd=tmp_path)
+    try:
+        flower.start()
+        for page in ("/", "/tasks", "/workers"):
+            with pytest.raises(urllib.error.HTTPError) as unauthenticated:
+                flower.get(page, auth=False)
+            assert unauthenticated.value.code == 401
+        assert b"Flower" in flower.get("/")
+    finally:
+        flower.stop()
+
+
+def test_a_job_sent_without_a_priority_is_a_default_job_whoever_sent_it():
+    """A stock client's job (no priority: kombu's bare list) is served after an urgent job and before a
+    backfill, like the Python client's default: one priority scale for every client."""
+    with RedisServer() as server:
+        env = serving_env(server, KRONOS_CONCURRENCY="1", KRONOS_MAX_BATCH_SIZE="1", KRONOS_PREFETCH_MULTIPLIER="1")
+        app = producer_app(env)
+        queue = "kronos.kronos-small"
+        sent = {
+            "backfill": app.send_task(FORECAST_TASK, args=[request(1)], task_id="backfill", queue=queue, priority=7),
+            "stock": app.send_task(FORECAST_TASK, args=[request(2)], task_id="stock", queue=queue),  # no priority
+            "urgent": app.send_task(FORECAST_TASK, args=[request(3)], task_id="urgent", queue=queue, priority=3),
+        }
+        with WorkerProcess(env, name="ordered"):
+            finished = {name: handle.get(timeout=60)["finished_at"] for name, handle in sent.items()}
+        app.close()
+    assert sorted(finished, key=finished.get) == ["urgent", "stock", "backfill"]
+
+
+def request(seed: int) -> dict:
+    frame = kc.candles().iloc[100 : 100 + 48]
+    return ForecastRequest.from_frame(frame, pred_len=4, freq="5min", series_id=f"order-{seed}", seed=seed).model_dump(
+        mode="json"
+    )

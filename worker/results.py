@@ -17,12 +17,14 @@ The worker app selects this class (worker/app.py); producers read results with C
 """
 
 import logging
+import math
 import threading
 import time
 
 import redis
 from celery import states
 from celery.backends.redis import RedisBackend
+from kombu.utils.json import dumps
 
 from tasks.keys import CLAIM_KEY_PREFIX
 from tasks.settings import current_settings
@@ -110,6 +112,14 @@ class ResultBackend(RedisBackend):
             self._best_effort.offer(task_id, document, state)
         return result
 
+    def encode(self, data) -> str:
+        """Strict JSON (RFC 8259), which every language's parser reads: a NaN or Infinity anywhere (say, echoed
+        from a request that was refused for holding it) is written as null."""
+        try:
+            return dumps(data, allow_nan=False)
+        except ValueError:
+            return dumps(_finite_or_null(data), allow_nan=False)
+
     def _document(self, task_id, result, state, traceback, request) -> dict:
         """Celery's result document, with the operator's view of the delivery (task, worker, queue, retries)
         instead of result_extended's copy of the arguments: a result never echoes the request's candles."""
@@ -134,6 +144,16 @@ class ResultBackend(RedisBackend):
         keys = [self.get_key_for_task(task_id), CLAIM_KEY_PREFIX + task_id]
         args = [document, state, int(expires or 0), 1 if state in FINAL_STATES else 0]
         return bool(self._write_state(keys=keys, args=args, client=client or self.client))
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 class LatestStateWriter:

@@ -31,6 +31,9 @@ forecast queue passes worker/admission.py, which builds the message Celery gets 
 needs; a refused one goes to POISON_KEY (and a job id of the producer's own is answered with INVALID_INPUT).
 Items of other queues (Celery's control replies) reach Celery as kombu would read them.
 
+Priorities. Each queue's lists are popped in tasks/routing.py's CONSUMPTION_ORDER: 1-4, then the bare list
+(kombu's 0, where every job sent without a priority lands) together with 5, then 6-9.
+
 Fairness. Queues are polled round-robin, each queue's priority lists in order before the next queue's
 (kombu polls all queues' priority 0 lists first): on a worker serving several producers' queues, one
 producer's urgent jobs cannot keep the others' jobs waiting.
@@ -48,7 +51,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from schemas import Limits
-from tasks.routing import serving_queues
+from tasks.routing import CONSUMPTION_ORDER, serving_queues
 from tasks.settings import current_settings
 from worker import admission
 from worker.settings import current_worker_settings
@@ -169,7 +172,7 @@ class Channel(redis.Channel):
             self._pending = "BLPOP"
             self.client.connection.send_command("BLPOP", IDLE_KEY, idle)
             return
-        pairs = [(self._q_for_pri(queue, priority), queue) for queue in queues for priority in self.priority_steps]
+        pairs = [(self._q_for_pri(queue, priority), queue) for queue in queues for priority in CONSUMPTION_ORDER]
         self._pending = "EVAL"
         self.client.connection.send_command(
             "EVAL",

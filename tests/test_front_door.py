@@ -370,6 +370,7 @@ KNOWN_HEADERS = {
     "stamped_headers",
     "stamps",
     "kronos_sent_at",
+    "redelivered",
 }
 GENERATED_PER_EXAMPLE = 500
 EXAMPLES = 10  # 5,000 items in all

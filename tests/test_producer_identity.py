@@ -182,3 +182,16 @@ def test_non_finite_numbers_and_deep_nesting_in_the_envelope_are_refused():
     deep = json.dumps(message()).replace('"eta": null', '"eta": null, "argsrepr": ' + "[" * 50_000 + "]" * 50_000)
     with pytest.raises(Refused):
         admit(deep, "q", 5, gate)
+
+
+def test_a_message_kombu_restored_is_admitted_again():
+    """After a connection loss or a warm shutdown kombu pushes a worker's held messages back, flagged as
+    redelivered in three places: the same job, admitted as it was the first time."""
+    gate = Gate(producer="reports", max_message_bytes=100_000, max_delay_seconds=600, max_retries=3)
+    first = admit(json.dumps(message()), "kronos.kronos-small.reports", 5, gate)
+    restored = json.loads(json.dumps(first))
+    restored["redelivered"] = True
+    restored["headers"]["redelivered"] = True
+    restored["properties"]["delivery_info"]["redelivered"] = True
+    again = admit(json.dumps(restored), "kronos.kronos-small.reports", 5, gate)
+    assert again == first

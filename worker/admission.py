@@ -99,6 +99,7 @@ def admit(raw: bytes | str, queue: str, priority: int, gate: Gate) -> dict:
 
 def _canonical(envelope, properties, headers, job_id, queue, priority, gate) -> dict:
     _only_keys(envelope, ENVELOPE_KEYS, "the message")
+    _require(isinstance(envelope.get("redelivered", False), bool), "the message's redelivered flag is not a boolean")
     _require(envelope.get("content-type") == JSON_CONTENT_TYPE, "the content type is not application/json")
     _require(envelope.get("content-encoding", "utf-8") == "utf-8", "the content encoding is not utf-8")
     _only_keys(properties, PROPERTIES, "properties")
@@ -268,10 +269,16 @@ def _finite(value) -> bool:
 
 
 def _small_route(value) -> bool:
+    # kombu adds "redelivered" to a message it restores (and "priority" to what it delivers)
     return (
         isinstance(value, dict)
-        and set(value) <= {"exchange", "routing_key"}
-        and all(isinstance(part, str) and len(part) <= MAX_TEXT for part in value.values())
+        and set(value) <= {"exchange", "routing_key", "redelivered", "priority"}
+        and all(
+            isinstance(value.get(key, ""), str) and len(value.get(key, "")) <= MAX_TEXT
+            for key in ("exchange", "routing_key")
+        )
+        and isinstance(value.get("redelivered", False), bool)
+        and _optional(_whole(0, 255))(value.get("priority"))
     )
 
 
@@ -279,7 +286,8 @@ def _time_limits(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(part is None or _finite(part) for part in value)
 
 
-ENVELOPE_KEYS = ("body", "content-encoding", "content-type", "headers", "properties")
+# kombu's restore may add "redelivered" at the top, in headers and in delivery_info: a restored job is the same job
+ENVELOPE_KEYS = ("body", "content-encoding", "content-type", "headers", "properties", "redelivered")
 # kombu's and celery-node's (camelCase) properties; delivery_info is replaced by the queue actually popped.
 PROPERTIES: dict[str, Callable[[Any], bool]] = {
     "correlation_id": _optional(lambda value: isinstance(value, str) and len(value) <= MAX_TEXT),
@@ -316,5 +324,6 @@ HEADERS: dict[str, Callable[[Any], bool]] = {
     "replaced_task_nesting": _optional(_whole(0, 0)),
     "stamped_headers": _empty,
     "stamps": _empty,
+    "redelivered": _optional(lambda value: isinstance(value, bool)),
     SENT_AT_HEADER: _optional(_finite),
 }

@@ -3,7 +3,9 @@
 A worker appends a job here when it fails with a code that was worth retrying (INTERNAL,
 RESOURCE_EXHAUSTED, MODEL_NOT_READY) after its last retry, or with TIMEOUT. Invalid input and expired
 deadlines are not kept: sending them again cannot help. Each entry keeps the job's request, so an
-operator can inspect it and requeue it under the same job id once the cause is fixed:
+operator can inspect it and requeue it once the cause is fixed. A requeued job runs under a new id,
+"<job id>.requeued-<epoch seconds>" (in the same producer's namespace; `requeue` prints it): the failed job's
+stored FAILURE is final and stays what its producer read (docs/RELIABILITY.md).
 
     python -m tasks.deadletter list | show JOB_ID | requeue JOB_ID | drop JOB_ID   [--json]
 
@@ -72,12 +74,14 @@ def drop(client: redis.Redis, job_id: str) -> DeadLetter:
     return letter
 
 
-def requeue(client: redis.Redis, app: Celery, job_id: str) -> DeadLetter:
-    """Send the job again under the same id (its FAILURE result is replaced), then forget the letter."""
+def requeue(client: redis.Redis, app: Celery, job_id: str) -> str:
+    """Send the job's request again under a new id (a failed job's answer is final), then forget the letter;
+    returns the new id."""
     raw, letter = find(client, job_id)
-    app.send_task(FORECAST_TASK, args=[letter.payload], task_id=letter.job_id, queue=letter.queue)
+    new_id = f"{letter.job_id}.requeued-{int(time.time())}"
+    app.send_task(FORECAST_TASK, args=[letter.payload], task_id=new_id, queue=letter.queue)
     client.lrem(DEAD_LETTER_KEY, 1, raw)
-    return letter
+    return new_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                 when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.failed_at))
                 print(f"{letter.job_id}  {when}  {letter.error['code']}  {letter.error['message']}")
             return 0
+        if args.action == "requeue":
+            new_id = requeue(client, app, args.job_id)
+            print(json.dumps({"job_id": args.job_id, "requeued_as": new_id}) if args.json else f"requeued as: {new_id}")
+            return 0
         action = {"show": lambda: find(client, args.job_id)[1], "drop": lambda: drop(client, args.job_id)}
-        letter = requeue(client, app, args.job_id) if args.action == "requeue" else action[args.action]()
+        letter = action[args.action]()
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 1

@@ -12,10 +12,11 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis_server import free_port
 from worker_process import REPO_ROOT, serving_env
 
-from schemas import ForecastResult
+from schemas import ErrorCode, ForecastResult
 from tasks.client import (
     CandleDataError,
     JobFailed,
+    JobIdConflict,
     JobNotFound,
     JobTimeout,
     KronosClient,
@@ -168,9 +169,13 @@ def test_resubmitting_a_queued_job_id_sends_no_second_message(server, client, un
 def test_resubmitting_a_finished_job_id_runs_nothing_again(worker, client):
     first = client.submit(candles(0, 64), pred_len=4, job_id="dedupe-done")
     result = first.wait(timeout=60)
-    again = client.submit(candles(64, 64), pred_len=8, job_id="dedupe-done")  # another request: the first wins
+    again = client.submit(candles(0, 64), pred_len=4, job_id="dedupe-done")  # the same request: the same job
     assert again.duplicate
     assert again.wait(timeout=10) == result
+    with pytest.raises(JobIdConflict) as conflict:  # another request under that id: refused, nothing sent
+        client.submit(candles(64, 64), pred_len=8, job_id="dedupe-done")
+    assert conflict.value.error.code == ErrorCode.JOB_ID_CONFLICT
+    assert client.job("dedupe-done").wait(timeout=10) == result
     assert worker.log().count("kronos.forecast[dedupe-done] received") == 1
 
 

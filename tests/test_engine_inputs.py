@@ -166,10 +166,21 @@ def test_error_names_the_series_index_in_a_batch():
 
 def test_smallest_lookback_and_largest_horizon_are_accepted():
     series = short_lookback(ENGINE.min_lookback)
-    future = pd.date_range(future_stamps()[0], periods=ENGINE.max_pred_len, freq="5min")
+    longest = min(ENGINE.max_pred_len, ENGINE.max_context)
+    future = pd.date_range(future_stamps()[0], periods=longest, freq="5min")
     prepared = ENGINE.prepare(dataclasses.replace(series, future_timestamps=future))
     assert prepared.x.shape == (ENGINE.min_lookback, 6)
-    assert prepared.pred_len == ENGINE.max_pred_len
+    assert prepared.pred_len == longest
+    assert len(ENGINE.forecast_prepared([prepared])[0].mean) == longest
+
+
+def test_a_horizon_beyond_the_context_is_refused_up_front():
+    """The forecast is read back from one context window: a longer horizon once ran every step and then failed
+    the whole batch in pandas."""
+    series = short_lookback(ENGINE.min_lookback)
+    future = pd.date_range(future_stamps()[0], periods=ENGINE.max_context + 1, freq="5min")
+    with pytest.raises(InvalidInputError, match="context"):
+        ENGINE.prepare(dataclasses.replace(series, future_timestamps=future))
 
 
 def test_forecast_of_no_series_is_empty():

@@ -243,8 +243,12 @@ def test_transient_faults_back_off_and_permanent_faults_are_dead_lettered_and_re
                 env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert requeue.returncode == 0, requeue.stderr
-            succeeded = lambda: outcome(server, permanent.job_id)["status"] == "SUCCESS"  # noqa: E731
+            requeued_as = requeue.stdout.strip().removeprefix("requeued as: ")
+            assert requeued_as.startswith(f"{permanent.job_id}.requeued-")
+            succeeded = lambda: (outcome(server, requeued_as) or {}).get("status") == "SUCCESS"  # noqa: E731
             wait_until(succeeded, timeout=60, what="the requeued job")
+        # the failed job's answer, which its producer may have read, stays what it was
+        assert outcome(server, permanent.job_id)["result"]["exc_message"][0]["code"] == "INTERNAL"
         assert server.client(0).llen("kronos:dead-letter") == 0
         app.close()
 

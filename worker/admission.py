@@ -134,8 +134,8 @@ def _canonical(envelope, properties, headers, job_id, queue, priority, gate) -> 
             "timelimit": [None, None],
             "root_id": job_id,
             "parent_id": None,
-            # Flower's ARGS column, the same for every client
-            "argsrepr": json.dumps({key: request.get(key) for key in ("series_id", "model")}),
+            # what Flower's ARGS column shows (flowerconfig.py), the same for every client, never the candles
+            "argsrepr": repr([{key: request[key] for key in ("series_id", "model", "pred_len") if key in request}]),
             "kwargsrepr": "{}",
             "origin": headers.get("origin") if isinstance(headers.get("origin"), str) else None,
             # the task stores every state itself, once it holds the job's claim (worker/jobs.py)

@@ -19,6 +19,8 @@ class ErrorCode(StrEnum):
     # The job id already names a different request (same id, other candles or settings): the job under that
     # id keeps its answer, and this request is not run. Resend it under a new id.
     JOB_ID_CONFLICT = "JOB_ID_CONFLICT"
+    # An operator took the job off its queue before any worker ran it (kronos-worker purge).
+    PURGED = "PURGED"
 
 
 # Only transient worker-side conditions are worth another attempt. Bad input stays bad, an expired job

@@ -32,6 +32,8 @@ from tasks.client import (
     read_candles_csv,
 )
 from tasks.plot import HISTORY_CANDLES, UNTRAINED_LABEL, PlotUnavailable, plot_forecast
+from tasks.purge import purge
+from tasks.routing import serving_queues
 from tasks.settings import SettingsError
 
 PROG = "kronos-worker"
@@ -152,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("name", nargs="?", choices=sorted(json_schemas()), help="default: all three")
     schema.set_defaults(run=run_schema)
 
+    purge = commands.add_parser(
+        "purge", parents=[json_option], help="take every queued job off its queues, answering each with PURGED"
+    )
+    purge.add_argument("--model", action="append", help="only this served model's queues (repeatable)")
+    purge.add_argument("--yes", action="store_true", help="really purge (jobs already fetched by a worker still run)")
+    purge.set_defaults(run=run_purge)
     worker = commands.add_parser("worker", help="start workers: python -m worker.launch (needs torch)")
     worker.add_argument("--model", help="model to serve (KRONOS_MODEL)")
     worker.add_argument("--cpu", action="store_true", help="one CPU worker, even if GPUs are visible")
@@ -230,6 +238,25 @@ def run_status(args: argparse.Namespace) -> int:
     if not ready:
         seen = f"{len(heartbeats)} worker(s) reported, none ready" if heartbeats else "no worker has reported"
         return _fail(f"no worker is ready ({seen}); start one with `{PROG} worker`", EXIT_JOB_FAILED)
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise UsageError("purge deletes every queued job of the served models: add --yes to do it")
+    with KronosClient() as client:
+        settings = client.settings
+        models = args.model or list(settings.models)
+        unknown = sorted(set(models) - set(settings.models))
+        if unknown:
+            raise UsageError(f"not served models (KRONOS_MODELS): {', '.join(unknown)}")
+        queues = [queue for model in models for queue in serving_queues(model, settings)]
+        with client._reaching(settings.broker_url, "KRONOS_BROKER_URL"):
+            purged = purge(client.broker, client.results, queues, settings.result_expires)
+    if args.json:
+        _print_json({"purged": purged})
+    else:
+        print(f"purged {len(purged)} job(s) from {', '.join(queues)}")
     return 0
 
 

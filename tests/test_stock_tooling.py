@@ -2,6 +2,7 @@
 documented way (mingle and gossip on). Control replies and mingle traffic are Celery's, not jobs: they pass
 the worker's transport as Celery expects, and nothing lands in the poison list."""
 
+import json
 import subprocess
 import sys
 import urllib.error
@@ -12,7 +13,7 @@ from flower_process import Flower
 from redis_server import RedisServer, free_port
 from worker_process import REPO_ROOT, WorkerProcess, producer_app, serving_env
 
-from schemas import ForecastRequest
+from schemas import ErrorCode, ForecastRequest
 from tasks.routing import FORECAST_TASK
 from worker.transport import POISON_KEY
 
@@ -98,3 +99,28 @@ def request(seed: int) -> dict:
     return ForecastRequest.from_frame(frame, pred_len=4, freq="5min", series_id=f"order-{seed}", seed=seed).model_dump(
         mode="json"
     )
+
+
+def test_purge_takes_queued_jobs_off_and_their_ids_say_so(tmp_path):
+    """Jobs queued with no worker running are purged; each id then reads as PURGED, not as still queued."""
+    with RedisServer() as server:
+        env = serving_env(server)
+        from tasks.client import KronosClient
+
+        with KronosClient(server.url(0), server.url(1)) as client:
+            jobs = [client.submit(kc.candles().iloc[10 * i : 10 * i + 48], pred_len=4) for i in range(3)]
+            assert sum(client.queue_depths().values()) == 3
+
+            def cli(*arguments: str) -> subprocess.CompletedProcess:
+                return subprocess.run([sys.executable, "-m", "tasks.cli", *arguments], cwd=REPO_ROOT, env=env,
+                                      capture_output=True, text=True, timeout=60)  # fmt: skip
+
+            assert cli("purge").returncode != 0  # not without --yes
+            purged = cli("purge", "--yes", "--json")
+            assert purged.returncode == 0, purged.stderr
+            assert sorted(json.loads(purged.stdout)["purged"]) == sorted(job.id for job in jobs)
+            assert sum(client.queue_depths().values()) == 0
+            shown = cli("result", jobs[0].id, "--json")
+            assert json.loads(shown.stdout)["error"]["code"] == "PURGED", shown.stdout
+            status = client.job(jobs[1].id).poll()
+            assert status.finished and status.error.code == ErrorCode.PURGED

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from schemas import ErrorCode, JobError
 from tasks.keys import CLAIM_KEY_PREFIX, CONFLICT_KEY_PREFIX, JOB_RECORD_PREFIX, RESULT_KEY_PREFIX
-from worker.results import IS_FINAL_LUA
+from tasks.outcomes import IS_FINAL_LUA
 
 log = logging.getLogger(__name__)
 

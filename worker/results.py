@@ -27,6 +27,7 @@ from celery.backends.redis import RedisBackend
 from kombu.utils.json import dumps
 
 from tasks.keys import CLAIM_KEY_PREFIX
+from tasks.outcomes import WRITE_STATE
 from tasks.settings import current_settings
 
 log = logging.getLogger(__name__)
@@ -36,45 +37,6 @@ FINAL_STATES = states.READY_STATES  # SUCCESS, FAILURE, REVOKED
 TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 FIRST_RETRY_SECONDS = 0.1
 MAX_RETRY_SECONDS = 2.0
-
-# is_final(document): whether a stored result document holds a final state. Documents this backend writes
-# start with their status (Celery's meta dict puts it first), so the prefix answers without decoding.
-IS_FINAL_LUA = """
-local function is_final(document)
-  if not document then return false end
-  local status = string.match(document, '^{"status": ?"(%u+)"')
-  if not status then
-    local ok, decoded = pcall(cjson.decode, document)
-    status = ok and type(decoded) == 'table' and decoded['status']
-  end
-  return status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED'
-end
-"""
-
-# KEYS: result key, claim key. ARGV: document, state, expiry in seconds (0: none), 1 when the state is final.
-# Returns 1 when written, 0 when a final answer was already there.
-WRITE_STATE = (
-    IS_FINAL_LUA
-    + """
-if redis.call('HEXISTS', KEYS[2], 'final') == 1 or is_final(redis.call('GET', KEYS[1])) then
-  return 0
-end
-local expires = tonumber(ARGV[3])
-if expires > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', expires)
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[2], 'final', ARGV[2])
-  redis.call('HDEL', KEYS[2], 'owner', 'lease_until')
-  if expires > 0 then redis.call('EXPIRE', KEYS[2], expires) end
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
-)
-
 
 class RedisUnreachable(Exception):
     """A write that had to happen could not before its deadline: Redis was unreachable all along."""

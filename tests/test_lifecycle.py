@@ -198,6 +198,8 @@ def test_persistent_fault_opens_the_circuit_other_worker_serves_and_it_closes_af
         after = job(13, job_id="after-fix")
         assert submit(after, celery_app=app).get(timeout=60)["worker"].startswith("faulty@")
         assert "circuit closed" in faulty.log()
+        # the consumer cancel and add (Celery control commands) and their replies are Celery's: nothing refused
+        assert client.llen("kronos:poison") == 0
 
 
 def test_out_of_memory_splits_the_batch_shrinks_the_limit_and_it_grows_back():

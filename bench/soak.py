@@ -112,8 +112,10 @@ class Soak:
 
     def chaos(self):
         rng = random.Random(11)
+        # every fault kind once per round, in a random order: a run of a dozen events meets all five
+        actions = (action for _ in iter(int, 1) for action in rng.sample(CHAOS_ACTIONS, len(CHAOS_ACTIONS)))
         while not self.stop.wait(rng.uniform(0.5, 1.5) * self.args.chaos_every):
-            action = rng.choice(CHAOS_ACTIONS)
+            action = next(actions)
             index = rng.randrange(len(self.workers))
             try:
                 self.break_something(action, index)

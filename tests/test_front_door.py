@@ -9,7 +9,6 @@ each is refused (poison list) or answered INVALID_INPUT, and valid jobs are serv
 
 import base64
 import json
-import os
 import time
 import uuid
 
@@ -17,10 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_security_acl import (  # noqa: F401 - module fixtures: one server and one worker for this module
-    MAX_CANDLES,
-    MAX_PAYLOAD_BYTES,
     MODEL,
-    SERVED,
     acl_env,
     acl_file,
     admin,
@@ -33,14 +29,12 @@ from test_security_acl import (  # noqa: F401 - module fixtures: one server and 
     sample,
     scrape,
     secrets,
+    served_env,
     server,
-    url,
     wait_for,
     window,
 )
-from worker_process import REPO_ROOT, worker_env
 
-from ops import redis_acl
 from schemas import ErrorCode, ForecastRequest, JobFailed
 from worker.transport import POISON_KEY
 
@@ -51,20 +45,8 @@ MAX_CONTEXT = 64  # short, so that a horizon beyond it is within KRONOS_MAX_PRED
 
 @pytest.fixture(scope="module")
 def env(server, secrets, acl_env, metrics_port, admin):
-    return worker_env(
-        dict(os.environ),
-        **{**acl_env, "KRONOS_PRODUCERS": ",".join(SERVED)},
-        PYTHONPATH=str(REPO_ROOT),
-        KRONOS_BROKER_URL=url(server, secrets, redis_acl.WORKER_USER, 0),
-        KRONOS_RESULT_BACKEND=url(server, secrets, redis_acl.WORKER_USER, 1),
-        KRONOS_PRODUCER_QUOTAS="gamma=3",
-        KRONOS_MAX_CANDLES=str(MAX_CANDLES),
-        KRONOS_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD_BYTES),
-        KRONOS_METRICS_PORT=str(metrics_port),
-        KRONOS_METRICS_ADDRESS="127.0.0.1",
-        KRONOS_MAX_RETRIES="0",
-        KRONOS_MAX_CONTEXT=str(MAX_CONTEXT),
-    )
+    return served_env(server, secrets, acl_env, metrics_port, KRONOS_PRODUCER_QUOTAS="gamma=3",
+                      KRONOS_MAX_CONTEXT=str(MAX_CONTEXT))  # fmt: skip
 
 
 def request_document(series_id: str = "hostile", pred_len: int = 4, start: int = 300) -> dict:

@@ -121,21 +121,27 @@ def metrics_port() -> int:
     return free_port()
 
 
+def served_env(server, secrets, acl_env, metrics_port, **overrides: str) -> dict[str, str]:
+    """The environment of a worker serving alpha, beta and gamma as its own Redis user."""
+    settings = {
+        **acl_env,
+        "KRONOS_PRODUCERS": ",".join(SERVED),
+        "PYTHONPATH": str(REPO_ROOT),
+        "KRONOS_BROKER_URL": url(server, secrets, redis_acl.WORKER_USER, 0),
+        "KRONOS_RESULT_BACKEND": url(server, secrets, redis_acl.WORKER_USER, 1),
+        "KRONOS_PRODUCER_QUOTAS": f"gamma={GAMMA_QUOTA}",
+        "KRONOS_MAX_CANDLES": str(MAX_CANDLES),
+        "KRONOS_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD_BYTES),
+        "KRONOS_METRICS_PORT": str(metrics_port),
+        "KRONOS_METRICS_ADDRESS": "127.0.0.1",
+        "KRONOS_MAX_RETRIES": "0",
+    }
+    return worker_env(dict(os.environ), **{**settings, **overrides})
+
+
 @pytest.fixture(scope="module")
 def env(server, secrets, acl_env, metrics_port, admin):
-    return worker_env(
-        dict(os.environ),
-        **{**acl_env, "KRONOS_PRODUCERS": ",".join(SERVED)},
-        PYTHONPATH=str(REPO_ROOT),
-        KRONOS_BROKER_URL=url(server, secrets, redis_acl.WORKER_USER, 0),
-        KRONOS_RESULT_BACKEND=url(server, secrets, redis_acl.WORKER_USER, 1),
-        KRONOS_PRODUCER_QUOTAS=f"gamma={GAMMA_QUOTA}",
-        KRONOS_MAX_CANDLES=str(MAX_CANDLES),
-        KRONOS_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD_BYTES),
-        KRONOS_METRICS_PORT=str(metrics_port),
-        KRONOS_METRICS_ADDRESS="127.0.0.1",
-        KRONOS_MAX_RETRIES="0",
-    )
+    return served_env(server, secrets, acl_env, metrics_port)
 
 
 def producer_client(server, secrets, producer: str):

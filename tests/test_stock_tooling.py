@@ -64,7 +64,8 @@ def test_flower_started_from_another_directory_still_demands_a_login(fleet, tmp_
 
     login = tmp_path / "flower-login"
     login.write_text("ops:secret\n")
-    flower = Flower({**bare, "KRONOS_FLOWER_BASIC_AUTH_FILE": str(login)}, ("ops", "secret"), cwd=tmp_path)
+    started = {**bare, "KRONOS_FLOWER_BASIC_AUTH_FILE": str(login), "KRONOS_FLOWER_DB": str(tmp_path / "flower.db")}
+    flower = Flower(started, ("ops", "secret"), cwd=tmp_path)
     try:
         flower.start()
         for page in ("/", "/tasks", "/workers"):

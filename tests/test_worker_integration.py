@@ -223,13 +223,15 @@ def test_celery_cli_sees_the_worker(worker, env):
     assert FORECAST_TASK in out.stdout
 
 
-def test_flower_shows_the_worker_and_requires_authentication(worker, env, app):
+def test_flower_shows_the_worker_and_requires_authentication(worker, env, app, tmp_path):
     submit(request(5, 40, 4), celery_app=app).get(timeout=60)
     port = free_port()
     flower = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={port}", "--address=127.0.0.1",
          "--basic-auth=ops:secret"],
-        env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # a state file of its own: Flower would otherwise list the workers another run saved
+        env={**env, "KRONOS_FLOWER_DB": str(tmp_path / "flower.db")}, cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         # the workers page's data, from the worker's events (Flower as the monitor, its default, inspects nothing)
@@ -238,13 +240,16 @@ def test_flower_shows_the_worker_and_requires_authentication(worker, env, app):
             _get_when_up(url, None)
         assert refused.value.code == 401
         until = time.monotonic() + 30
-        while not (workers := json.loads(_get_when_up(url, b64encode(b"ops:secret").decode()))["data"]):
+        while not any("cpu@" in json.dumps(worker) for worker in _flower_workers(url)):
             assert time.monotonic() < until, "Flower never saw the worker"
             time.sleep(0.5)
-        assert any("cpu@" in json.dumps(worker) for worker in workers)
     finally:
         flower.terminate()
         flower.wait(10)
+
+
+def _flower_workers(url: str) -> list:
+    return json.loads(_get_when_up(url, b64encode(b"ops:secret").decode()))["data"]
 
 
 def _get_when_up(url: str, token: str | None, timeout: float = 30) -> bytes:

@@ -395,10 +395,11 @@ def test_in_wait_mode_an_over_quota_job_runs_when_its_token_comes(server, secret
         jobs = [delta.submit(window(start=5 * i), pred_len=4) for i in range(14)]
         finished = sorted(job.wait(timeout=90).finished_at.timestamp() for job in jobs)
         over_quota = r"job (delta:\S+): producer delta is over its quota of 12 jobs per minute; runs in"
-        assert len(set(re.findall(over_quota, waiting.log()))) == 2
-    # a minute's worth (12) at once; the 13th and 14th hold the next two tokens, 5 s apart
-    assert finished[-1] - finished[0] >= 9.0
-    assert finished[12] - finished[0] >= 4.0
+        delayed = len(set(re.findall(over_quota, waiting.log())))
+    # A minute's worth (12) at once; the 13th and 14th hold the next two tokens, 5 s apart. On a machine slow
+    # enough that the 14 jobs take more than 5 s to be charged, a token comes back meanwhile: one is delayed.
+    assert delayed in (1, 2)
+    assert finished[-1] - finished[0] >= 4.0 + 5.0 * (delayed - 1)
 
 
 def test_the_monitor_user_runs_flower_and_cannot_touch_jobs(server, secrets, env, clients, admin, tmp_path):

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from model.errors import InvalidInputError, ModelLoadError
-from model.kronos import KronosPredictor, KronosTokenizer, decode_one_token, prefill
+from model.kronos import KronosPredictor, KronosTokenizer, decode_one_token, prefill, use_onednn
 from model.loading import (
     DEFAULT_MAX_CONTEXT,
     PUBLISHED_MODELS,
@@ -151,9 +151,12 @@ class KronosEngine:
         min_lookback: int = 2,
         info: ModelInfo | None = None,
         compile: bool = False,
+        onednn: bool = True,
     ):
         """`compile=True` compiles the decode step and warms it up here, so that no forecast pays for it;
-        where compile is unavailable or fails, the engine runs eager and `info.decode_path` says why."""
+        where compile is unavailable or fails, the engine runs eager and `info.decode_path` says why.
+        `onednn` (CPU, float32 / bfloat16): the predictor's linear layers run through oneDNN on packed weights
+        (model.kronos.OneDNNLinear); the predictor given is changed in place."""
         if tokenizer.config.s1_bits != predictor.config.s1_bits:
             raise ModelLoadError(
                 f"tokenizer codes have {tokenizer.config.s1_bits} bits but the predictor expects "
@@ -168,11 +171,15 @@ class KronosEngine:
         self.device = predictor.head.proj_s1.weight.device
         self.draw_codes = draw_codes
         self.decode_one_token = decode_one_token
+        precision = predictor_precision(predictor)
+        linears = ""
+        if onednn and self.device.type == "cpu" and precision in ("float32", "bfloat16") and use_onednn(predictor):
+            linears = ", oneDNN linears"
         self.info = dataclasses.replace(
-            info or ModelInfo("<in memory>", None, "<in memory>", None), precision=predictor_precision(predictor)
+            info or ModelInfo("<in memory>", None, "<in memory>", None), precision=precision, decode_path="eager"
         )
-        if compile:
-            self.info = dataclasses.replace(self.info, decode_path=self._compile())
+        decode_path = self._compile() if compile else "eager"
+        self.info = dataclasses.replace(self.info, decode_path=decode_path + linears)
 
     def _compile(self) -> str:
         if not torch._dynamo.is_dynamo_supported():

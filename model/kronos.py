@@ -12,6 +12,7 @@ nothing back to the host, so that it compiles as one graph (torch.compile, CUDA 
 """
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,58 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+@torch.library.custom_op("kronos::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN with the weight packed by `OneDNNLinear.pack`.
+
+    An operator of its own so that a compiled graph calls it as it is (the packed weight is no tensor the
+    compiler can trace); the packed copy is found by the address of the weight it was made from.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[weight.data_ptr()], bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_PACKED: dict[int, torch.Tensor] = {}  # weight address -> oneDNN-packed copy, while the weight lives
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose product runs through oneDNN on a pre-packed weight (CPU, float32 / bfloat16).
+
+    PyTorch's float32 GEMM goes through MKL, which on some CPUs (AMD EPYC) takes a path 2-3x slower than
+    oneDNN's for the same products, at batch 1 as for whole windows; results agree to float32 rounding.
+    """
+
+    @classmethod
+    def pack(cls, linear: nn.Linear) -> "OneDNNLinear":
+        packed = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        packed.weight, packed.bias = linear.weight, linear.bias
+        key = linear.weight.data_ptr()
+        _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        weakref.finalize(linear.weight, _PACKED.pop, key, None)
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def use_onednn(module: nn.Module) -> bool:
+    """Swap every nn.Linear of `module` (on CPU) for a freshly packed OneDNNLinear; False where oneDNN is missing.
+
+    Pack after the last change of the weights' dtype or device: a packed copy is of the weights as they were.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+                setattr(parent, name, OneDNNLinear.pack(child))
+    return True
 
 
 def fuse_on_load(module: nn.Module, fused: str, parts: tuple[str, ...]) -> None:
@@ -105,20 +158,14 @@ class TokenSlots:
         self.sin = caches.sin[positions][:, None, None]
 
 
-class Attention(nn.Module):
+class Heads(nn.Module):
+    """Splitting into heads and merging them through the output projection."""
+
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)  # checkpoint: q_proj, k_proj, v_proj
         self.out_proj = nn.Linear(d_model, d_model)
-        fuse_on_load(self, "qkv", ("q_proj", "k_proj", "v_proj"))
-
-    def project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        """The q (0), k (1) and/or v (2) projections of x, as the `part` slice of qkv picks them."""
-        d = self.out_proj.in_features
-        rows = slice(part.start * d, part.stop * d)
-        return F.linear(x, self.qkv.weight[rows], self.qkv.bias[rows])
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # [B, T, d] -> [B, H, T, D]
@@ -127,6 +174,13 @@ class Attention(nn.Module):
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         # [B, H, T, D] -> [B, T, d]
         return self.out_proj(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1))
+
+
+class Attention(Heads):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__(d_model, n_heads)
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # checkpoint: q_proj, k_proj, v_proj
+        fuse_on_load(self, "qkv", ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, rows=None, slot: TokenSlots | None = None):
         q, k, v = (self.split_heads(part) for part in self.qkv(x).chunk(3, dim=-1))
@@ -269,14 +323,24 @@ class DependencyLayer(nn.Module):
 
     def __init__(self, d_model: int):
         super().__init__()
-        self.cross_attn = Attention(d_model, S2_HEAD_HEADS)
+        self.cross_attn = CrossAttention(d_model, S2_HEAD_HEADS)
         self.norm = RMSNorm(d_model)
 
     def keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # h [B, T, d] -> k, v [B, 4, T, d/4]
         attn = self.cross_attn
-        k, v = attn.project(h, slice(1, 3)).chunk(2, dim=-1)
+        k, v = attn.kv(h).chunk(2, dim=-1)
         return attn.split_heads(k), attn.split_heads(v)
+
+
+class CrossAttention(Heads):
+    """Query and keys/values come from different inputs: q apart, k and v as one GEMM."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__(d_model, n_heads)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)  # checkpoint: k_proj, v_proj
+        fuse_on_load(self, "kv", ("k_proj", "v_proj"))
 
 
 class DualHead(nn.Module):
@@ -323,7 +387,7 @@ class KronosPredictor(nn.Module):
     def s2_logits(self, caches: "PredictorCaches", h_last, s1, window_lengths) -> torch.Tensor:
         """h_last [B, d], chosen s1 [B], window_lengths [B] -> s2 logits [B, V]."""
         attn = self.dep_layer.cross_attn
-        q = attn.split_heads(attn.project(self.embedding.emb_s1(s1), slice(0, 1))[:, None])  # [B, 4, 1, d/4]
+        q = attn.split_heads(attn.q_proj(self.embedding.emb_s1(s1))[:, None])  # [B, 4, 1, d/4]
         capacity = caches.cross.k.shape[2]
         visible = torch.arange(capacity, device=s1.device) < window_lengths[:, None]  # [B, C]
         out = F.scaled_dot_product_attention(q, caches.cross.k, caches.cross.v, attn_mask=visible[:, None, None, :])

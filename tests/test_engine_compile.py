@@ -12,12 +12,13 @@ from model import engine as engine_module
 from model.loading import load_predictor, load_tokenizer, locate
 
 
-def new_engine(max_context: int = 512, compile: bool = True) -> KronosEngine:
+def new_engine(max_context: int = 512, compile: bool = True, onednn: bool = True) -> KronosEngine:
     return KronosEngine(
         load_tokenizer(locate(str(kc.PARITY / "tokenizer"))),
         load_predictor(locate(str(kc.PARITY / "predictor"))),
         max_context=max_context,
         compile=compile,
+        onednn=onednn,
     )
 
 
@@ -29,7 +30,7 @@ def compiled() -> dict[int, KronosEngine]:
 
 def test_the_compiled_path_is_taken_and_named(compiled):
     for engine in compiled.values():
-        assert engine.info.decode_path == "compiled (inductor)"
+        assert engine.info.decode_path == "compiled (inductor), oneDNN linears"
         assert engine.decode_one_token is not engine_module.decode_one_token
 
 
@@ -68,7 +69,7 @@ def test_a_failing_compile_falls_back_to_eager_and_says_why(monkeypatch):
 
     monkeypatch.setattr(engine_module, "compile_decode", lambda device: (broken, "compiled (inductor)"))
     engine = new_engine()
-    assert engine.info.decode_path == "eager (compile failed: RuntimeError: no C++ compiler)"
+    assert engine.info.decode_path == "eager (compile failed: RuntimeError: no C++ compiler), oneDNN linears"
     assert engine.decode_one_token is engine_module.decode_one_token
     c = kc.case("short_no_slide")
     assert_matches_case(c, engine.forecast(kc.case_inputs(c)))
@@ -76,10 +77,20 @@ def test_a_failing_compile_falls_back_to_eager_and_says_why(monkeypatch):
 
 def test_compile_disabled_by_torch_is_reported():
     with torch._dynamo.config.patch(disable=True):  # what TORCH_COMPILE_DISABLE=1 sets
-        assert new_engine().info.decode_path == "eager (torch.compile disabled, TORCH_COMPILE_DISABLE)"
+        assert new_engine().info.decode_path.startswith("eager (torch.compile disabled, TORCH_COMPILE_DISABLE)")
 
 
 def test_eager_is_the_default_of_the_constructor_and_load_compiles():
-    assert new_engine(compile=False).info.decode_path == "eager"
+    assert new_engine(compile=False).info.decode_path == "eager, oneDNN linears"
     loaded = KronosEngine.load(str(kc.PARITY / "predictor"), str(kc.PARITY / "tokenizer"), device="cpu")
-    assert loaded.info.decode_path == "compiled (inductor)"
+    assert loaded.info.decode_path == "compiled (inductor), oneDNN linears"
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("name", ["short_no_slide", "slides_past_context", "batch_of_three"])
+def test_plain_torch_linears_match_the_reference_too(name, compile):
+    """Where oneDNN is not used (or not available), the linears are PyTorch's own."""
+    c = kc.case(name)
+    engine = new_engine(c["max_context"], compile=compile, onednn=False)
+    assert "oneDNN" not in engine.info.decode_path
+    assert_matches_case(c, engine.forecast(kc.case_inputs(c)))

@@ -74,7 +74,7 @@ def directory_close() -> dict[Path, list[float]]:
 
 def test_local_directories_load_and_are_named(directory_close):
     engine = load()
-    assert engine.info == ModelInfo(str(PREDICTOR), None, str(TOKENIZER), None)
+    assert engine.info == ModelInfo(str(PREDICTOR), None, str(TOKENIZER), None, "float32", "eager, oneDNN linears")
     assert engine.max_context == 512
     assert engine.device == torch.device("cpu")
     assert greedy_close(engine) == directory_close[PREDICTOR]
@@ -422,7 +422,7 @@ def test_repo_ids_load_from_the_cache_at_main(hub_outcomes, directory_close, sce
         "tokenizer": TOKENIZER_REPO,
         "tokenizer_revision": TOKENIZER_COMMIT,
         "precision": "float32",
-        "decode_path": "eager",
+        "decode_path": "eager, oneDNN linears",
     }, outcome
     assert outcome["close"] == pytest.approx(directory_close[PREDICTOR], rel=1e-6)
 

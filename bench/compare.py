@@ -14,7 +14,7 @@ call of --batch series against the reference's `predict_batch` of --reference-ba
 Also measured in the same process:
 - the batch-1 `decode_one_token` against the matrix-vector floor: the same weights, unfused, one torch matrix-vector
   product each (the 8 x 7 of the transformer, the input fusion and the s2 head's key and value projections: all
-  that one decode step multiplies), timed back to back, rounds interleaved with the decode step;
+  that one decode step multiplies), timed back to back, in turn with the decode step call by call;
 - the opt-in precisions (bfloat16, int8) against float32: speed on the default request, and drift on greedy
   forecasts of DRIFT_SERIES real series (agreement of the codes per step, mean absolute % difference of close);
 - the first forecast after the engine is built (graphs compiled during it: must be 0) and peak RSS in a fresh process.
@@ -137,25 +137,19 @@ def decode_weights(predictor) -> list[torch.Tensor]:
     return [w.detach().clone().contiguous() for w in weights]
 
 
-def timed_calls(fn, calls: int) -> list[float]:
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def milliseconds(times: list[float]) -> dict:
-    return {"best": min(times) * 1000, "median": statistics.median(times) * 1000}
+def timed_call(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 @torch.inference_mode()
-def decode_against_floor(engine: KronosEngine, rounds: int, calls: int = 30) -> dict:
-    """Batch-1 decode step (451 cached slots of 512) and the floors, rounds interleaved; milliseconds.
+def decode_against_floor(engine: KronosEngine, calls: int = 150) -> dict:
+    """Batch-1 decode step (451 cached slots of 512) and the floors, call by call in turn; milliseconds.
 
     The floor is each matrix-vector product through torch's own `F.linear`; the oneDNN floor is the same products
     through oneDNN on packed weights, the path the engine's linears take on CPU (model.kronos.OneDNNLinear).
+    The ratio is the median of the ratios of neighbouring calls: a burst of load on the shared machine slows both.
     """
     predictor = engine.predictor
     weights = decode_weights(predictor)
@@ -176,28 +170,31 @@ def decode_against_floor(engine: KronosEngine, rounds: int, calls: int = 30) -> 
     def step():
         engine.decode_one_token(predictor, caches, tokens, tokens, stamp, positions)
 
-    timings = {"floor": [], "onednn_floor": [], "decode_one_token": []}
-    for fn in (floor, onednn_floor, step):
+    functions = {"floor": floor, "onednn_floor": onednn_floor, "decode_one_token": step}
+    timings = {name: [] for name in functions}
+    for fn in functions.values():
         fn()
-    for _ in range(rounds):
-        for name, fn in (("floor", floor), ("onednn_floor", onednn_floor), ("decode_one_token", step)):
-            timings[name] += timed_calls(fn, calls)
-    ms = {name: milliseconds(times) for name, times in timings.items()}
+    for _ in range(calls):
+        for name, fn in functions.items():
+            timings[name].append(timed_call(fn))
+    ms = {name: {"best": min(t) * 1000, "median": statistics.median(t) * 1000} for name, t in timings.items()}
+    ratios = [d / f for d, f in zip(timings["decode_one_token"], timings["floor"], strict=True)]
+    onednn_ratios = [d / f for d, f in zip(timings["decode_one_token"], timings["onednn_floor"], strict=True)]
     megabytes = sum(w.numel() * w.element_size() for w in weights) / 1e6
-    ratio = ms["decode_one_token"]["median"] / ms["floor"]["median"]
     return {
         "matrix_vector_products": len(weights),
         "weight_megabytes": megabytes,
+        "calls": calls,
         "floor_ms": ms["floor"],
         "floor_gb_per_s_best": megabytes / ms["floor"]["best"],
         "onednn_floor_ms": ms["onednn_floor"],
         "decode_one_token_ms": ms["decode_one_token"],
         "decode_path": engine.info.decode_path,
         "ratio_best": ms["decode_one_token"]["best"] / ms["floor"]["best"],
-        "ratio_median": ratio,
-        "ratio_to_onednn_floor_median": ms["decode_one_token"]["median"] / ms["onednn_floor"]["median"],
+        "ratio_median": statistics.median(ratios),
+        "ratio_to_onednn_floor_median": statistics.median(onednn_ratios),
         "target": TARGETS["decode_over_floor"],
-        "pass": ratio <= TARGETS["decode_over_floor"],
+        "pass": statistics.median(ratios) <= TARGETS["decode_over_floor"],
     }
 
 
@@ -302,11 +299,11 @@ def table(report: dict) -> str:
         f"batch-1 decode_one_token ({d['decode_path']}): {d['decode_one_token_ms']['median']:.2f} ms median "
         f"({d['decode_one_token_ms']['best']:.2f} best); floor of its {d['matrix_vector_products']} matrix-vector "
         f"products ({d['weight_megabytes']:.0f} MB): {d['floor_ms']['median']:.2f} ms median "
-        f"({d['floor_ms']['best']:.2f} best, {d['floor_gb_per_s_best']:.1f} GB/s); ratio "
-        f"**{d['ratio_median']:.2f}x** median, {d['ratio_best']:.2f}x best (target <= {d['target']}x: "
+        f"({d['floor_ms']['best']:.2f} best, {d['floor_gb_per_s_best']:.1f} GB/s); ratio (median of call-by-call "
+        f"ratios) **{d['ratio_median']:.2f}x**, of bests {d['ratio_best']:.2f}x (target <= {d['target']}x: "
         f"{'PASS' if d['pass'] else 'FAIL'}); the same products through oneDNN on packed weights: "
         f"{d['onednn_floor_ms']['median']:.2f} ms median ({d['onednn_floor_ms']['best']:.2f} best), decode step "
-        f"{d['ratio_to_onednn_floor_median']:.2f}x that",
+        f"{d['ratio_to_onednn_floor_median']:.2f}x that (median of call-by-call ratios)",
     ]
     if "same_function" in report:
         s = report["same_function"]
@@ -375,7 +372,7 @@ def run(args, say) -> dict:
         if ref is not None:
             ref.close()
     say("decode step against the matrix-vector floor")
-    report["decode_floor"] = decode_against_floor(engine, rounds=5)
+    report["decode_floor"] = decode_against_floor(engine)
     say("opt-in precisions")
     report["precisions"] = precisions(engine, candles, args.repeats, say)
     if not args.no_memory:

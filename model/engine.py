@@ -3,10 +3,11 @@
 A forecast is the reference `KronosPredictor.predict` (see KRONOS_INFERENCE.md): tokenize the whole
 lookback, generate pred_len (s1, s2) codes, decode the last window, average the sample paths and undo
 the normalization. Generation prefills each row's window once and then appends one token per step
-through the KV cache. While a window grows from position 0 that is exact; once a row's sequence is
-longer than max_context its window slides, every position changes, and that row's window is
-recomputed in full each step, as the reference does. `use_cache=False` recomputes every row every
-step: the reference algorithm, kept as the oracle for tests and the baseline for benchmarks.
+through the KV cache (the step compiled at load where torch.compile works, see docs/ENGINE.md). While a
+window grows from position 0 that is exact; once a row's sequence is longer than max_context its window
+slides, every position changes, and that row's window is recomputed in full each step, as the reference
+does. `use_cache=False` recomputes every row every step: the reference algorithm, kept as the oracle for
+tests and the baseline for benchmarks.
 """
 
 import dataclasses
@@ -169,12 +170,12 @@ class KronosEngine:
         self.max_pred_len = max_pred_len
         self.min_lookback = min_lookback
         self.device = predictor.head.proj_s1.weight.device
-        self.draw_codes = draw_codes
-        self.decode_one_token = decode_one_token
+        self.decode_one_token = decode_one_token  # or its compiled graph
         precision = predictor_precision(predictor)
         linears = ""
         if onednn and self.device.type == "cpu" and precision in ("float32", "bfloat16") and use_onednn(predictor):
             linears = ", oneDNN linears"
+        # set before the compile: the warm-up forecasts name the precision in their results
         self.info = dataclasses.replace(
             info or ModelInfo("<in memory>", None, "<in memory>", None), precision=precision, decode_path="eager"
         )
@@ -184,7 +185,7 @@ class KronosEngine:
     def _compile(self) -> str:
         if not torch._dynamo.is_dynamo_supported():
             return "eager (torch.compile is not supported on this Python/platform)"
-        if torch.compiler.is_compiling() or torch._dynamo.config.disable:
+        if torch._dynamo.config.disable:
             return "eager (torch.compile disabled, TORCH_COMPILE_DISABLE)"
         if predictor_precision(self.predictor) == "int8":
             return "eager (int8 dynamic linears are not compiled)"
@@ -470,9 +471,8 @@ class _Batch:
         """
         engine = self.engine
         window_lengths = self.on_device(np.minimum(self.host_lengths, self.capacity))
-        s1, s2 = engine.draw_codes(
-            engine.predictor, self.caches, h_last, window_lengths, self.sampling, self.uniforms[:, step]
-        )
+        uniforms = self.uniforms[:, step]
+        s1, s2 = draw_codes(engine.predictor, self.caches, h_last, window_lengths, self.sampling, uniforms)
         active = step < self.host_pred_lens  # rows whose horizon is not yet reached
         rows = self.on_device(np.flatnonzero(active))
         slots = self.on_device(self.host_lengths[active])

@@ -45,6 +45,7 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "compare_cpu.json"
 DEFAULT_REQUEST = {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "sample_count": 1}
 PROJECT_RUNS = 3  # project runs after each reference run
 DRIFT_SERIES = 8
+WORKLOADS = ["1x392", "1x400", "batch"]
 TARGETS = {"1x392": 20.0, "1x400": 10.0, "batch": 60.0, "decode_over_floor": 1.3, "peak_rss_mib": 1024}
 
 
@@ -365,7 +366,7 @@ def run(args, say) -> dict:
             Workload("batch", args.batch, args.reference_batch, 392, 120, TARGETS["batch"]),
         ]
         report["workloads"] = []
-        for w in workloads:
+        for w in (w for w in workloads if w.key in args.workloads):
             say(f"workload {w.key}")
             report["workloads"].append(compare_workload(engine, ref, candles, w, args.repeats, say))
     finally:
@@ -389,6 +390,9 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=16, help="series in the project's batch call (default 16)")
     parser.add_argument("--reference-batch", type=int, default=4, help="series in the reference's (default 4)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    parser.add_argument(
+        "--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS, help="which of them (default all)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocess")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report")
     return parser.parse_args(argv)

@@ -1,13 +1,18 @@
 """The benchmark suite, one command: engine sweeps, end to end through the queue, plots.
 
-    python -m bench                          # full CPU suite, ~14 min on a quiet 2-core machine
+    python -m bench                          # full CPU suite, ~35 min on a quiet 2-core machine
     python -m bench --quick                  # smoke run, ~2 min, into bench/results/quick/
-    python -m bench --only engine            # or e2e; plots are drawn from whatever results exist
+    python -m bench --only reference         # or engine, e2e; plots are drawn from whatever results exist
     python -m bench --device cuda --dtype bfloat16
 
-Writes <out-dir>/engine_sweep_<tag>.json, <out-dir>/e2e_<tag>.json, <out-dir>/suite_<tag>.json and their tables
-as Markdown, <out-dir>/tables_<tag>.md (tag: cpu, or the device and dtype, e.g. cuda-bfloat16), and the plots
-<plots-dir>/bench-*-<tag>.png. Not part of the tests.
+The reference part (bench/compare.py, CPU only) runs the reference Kronos code (PyPI kronos-model-arch) in its own
+virtual environment and process beside the engine: give its Python with --reference-python or
+KRONOS_BENCH_REFERENCE_PYTHON, or create the default one with `python -m bench.reference --create`; without it that
+column is left out and the run says why. --quick skips the reference part.
+
+Writes <out-dir>/compare_cpu.json, <out-dir>/engine_sweep_<tag>.json, <out-dir>/e2e_<tag>.json,
+<out-dir>/suite_<tag>.json and their tables as Markdown, <out-dir>/tables_<tag>.md (tag: cpu, or the device and
+dtype, e.g. cuda-bfloat16), and the plots <plots-dir>/bench-*-<tag>.png. Not part of the tests.
 """
 
 import argparse
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import e2e, engine_bench, engine_sweep, plots, tables
+from bench import compare, e2e, engine_bench, engine_sweep, plots, tables
 
 RESULTS = engine_bench.ROOT / "bench" / "results"
 IMAGES = engine_bench.ROOT / "docs" / "images"
@@ -77,7 +82,8 @@ def run_part(args, part: str, threads: int, measure, path: Path, say) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small grid, short loads (~2 min)")
-    parser.add_argument("--only", choices=("engine", "e2e"), help="run one part")
+    parser.add_argument("--only", choices=("reference", "engine", "e2e"), help="run one part")
+    parser.add_argument("--reference-python", help="the reference's Python (bench/reference.py says where else)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="predictor precision (GPU only)")
     parser.add_argument(
@@ -116,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     args.plots_dir.mkdir(parents=True, exist_ok=True)
     engine_path = args.out_dir / f"engine_sweep_{tag}.json"
     e2e_path = args.out_dir / f"e2e_{tag}.json"
+    compare_path = args.out_dir / "compare_cpu.json"
+    if args.only == "reference" or (args.only is None and args.device == "cpu" and not args.quick):
+        options = ["--threads", str(args.threads), "--out", str(compare_path)]
+        if args.reference_python:
+            options += ["--reference-python", args.reference_python]
+        compare.main(options)
     if args.only in (None, "engine"):
         run_part(
             args,
@@ -140,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m bench", *args.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_seconds": time.perf_counter() - started,
-        "results": [shown(p) for p in results],
+        "results": [shown(p) for p in (compare_path, *results) if p.is_file()],
         "plots": [shown(p) for p in drawn],
     }
     (args.out_dir / f"suite_{tag}.json").write_text(json.dumps(suite, indent=2) + "\n")
     markdown = tables.markdown(results.get(engine_path), results.get(e2e_path))
+    if compare_path.is_file():
+        markdown = f"## Against the reference\n\n{compare.table(json.loads(compare_path.read_text()))}\n\n{markdown}"
     (args.out_dir / f"tables_{tag}.md").write_text(markdown + "\n")
     print(markdown)
     say(f"done; plots: {', '.join(suite['plots'])}")

@@ -31,7 +31,7 @@ import torch
 
 from model import KronosEngine, SeriesInput
 from model.config import PredictorConfig, TokenizerConfig
-from model.kronos import KronosPredictor, KronosTokenizer, decode_one_token, prefill
+from model.kronos import KronosPredictor, KronosTokenizer, prefill
 
 ROOT = Path(__file__).resolve().parent.parent
 CANDLES_CSV = ROOT / "tests" / "fixtures" / "data" / "kline_5min_2500.csv"
@@ -86,13 +86,17 @@ SCENARIO_BY_KEY = {s.key: s for s in SCENARIOS} | {str(i + 1): s for i, s in enu
 
 
 def build_engine(
-    predictor_config: PredictorConfig = PREDICTOR, device: str = "cpu", dtype: torch.dtype = torch.float32
+    predictor_config: PredictorConfig = PREDICTOR,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compile: bool = True,
 ) -> KronosEngine:
-    """Random weights from SEED; as KronosEngine.load does, only the predictor takes a lower precision."""
+    """Random weights from SEED; as KronosEngine.load does, only the predictor takes a lower precision, and the
+    decode step is compiled and warmed up here unless `compile=False`."""
     torch.manual_seed(SEED)
     tokenizer = KronosTokenizer(TOKENIZER).eval().to(device)
     predictor = KronosPredictor(predictor_config).eval().to(device, dtype)
-    return KronosEngine(tokenizer, predictor, max_context=MAX_CONTEXT)
+    return KronosEngine(tokenizer, predictor, max_context=MAX_CONTEXT, compile=compile)
 
 
 def load_candles() -> pd.DataFrame:
@@ -353,7 +357,7 @@ def components(engine: KronosEngine, quick: bool) -> dict:
         out[f"prefill_512_b{rows}"] = time_call(repeats, prefill, predictor, caches, index, s1, s2, stamps)
         positions = torch.full((rows,), 450)  # attends to 451 cached slots
         out[f"decode_one_token_b{rows}"] = time_call(
-            50, decode_one_token, predictor, caches, s1[:, 0], s2[:, 0], stamps[:, 0], positions
+            50, engine.decode_one_token, predictor, caches, s1[:, 0], s2[:, 0], stamps[:, 0], positions
         )
     return out
 

@@ -3,12 +3,15 @@
 A forecast is the reference `KronosPredictor.predict` (see KRONOS_INFERENCE.md): tokenize the whole
 lookback, generate pred_len (s1, s2) codes, decode the last window, average the sample paths and undo
 the normalization. Generation prefills each row's window once and then appends one token per step
-through the KV cache. While a window grows from position 0 that is exact; once a row's sequence is
-longer than max_context its window slides, every position changes, and that row's window is
-recomputed in full each step, as the reference does. `use_cache=False` recomputes every row every
-step: the reference algorithm, kept as the oracle for tests and the baseline for benchmarks.
+through the KV cache (the step compiled at load where torch.compile works, see docs/ENGINE.md). While a
+window grows from position 0 that is exact; once a row's sequence is longer than max_context its window
+slides, every position changes, and that row's window is recomputed in full each step, as the reference
+does. `use_cache=False` recomputes every row every step: the reference algorithm, kept as the oracle for
+tests and the baseline for benchmarks.
 """
 
+import dataclasses
+import logging
 import numbers
 import os
 from collections.abc import Callable, Sequence
@@ -19,20 +22,23 @@ import pandas as pd
 import torch
 
 from model.errors import InvalidInputError, ModelLoadError
-from model.kronos import KronosPredictor, KronosTokenizer, decode_one_token, prefill
+from model.kronos import KronosPredictor, KronosTokenizer, decode_one_token, prefill, use_onednn
 from model.loading import (
     DEFAULT_MAX_CONTEXT,
     PUBLISHED_MODELS,
     load_predictor,
     load_tokenizer,
     locate,
+    lower_precision,
+    predictor_precision,
     resolve_device,
-    resolve_dtype,
+    resolve_precision,
 )
 from model.preprocess import COLUMNS, candle_matrix, denormalize, normalize, time_features
 from model.sampling import draw
 
 MAX_SEED = 2**63
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,16 +84,58 @@ class SeriesForecast:
     seed: int = 0
     s1: np.ndarray | None = None  # [sample_count, P] generated codes
     s2: np.ndarray | None = None
+    precision: str = "float32"  # the predictor's precision that made it (ModelInfo.precision)
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Which checkpoints an engine runs, for results and metrics."""
+    """Which checkpoints an engine runs and how, for results and metrics.
+
+    precision: "float32" (exact), or the opt-in faster "bfloat16" / "float16" / "int8" predictor.
+    decode_path: "compiled (...)" or "eager" with the reason compile is not used.
+    """
 
     predictor: str
     predictor_revision: str | None
     tokenizer: str
     tokenizer_revision: str | None
+    precision: str = "float32"
+    decode_path: str = "eager"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-row sampling settings [B] of one batch; largest_top_k > 0 when every row has a top_k."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    largest_top_k: int
+
+
+def draw_codes(predictor: KronosPredictor, caches, h_last, window_lengths, sampling: Sampling, uniforms):
+    """s1 from h_last [B, d], then s2 given that s1 through the s2 head -> ids [B] each; uniforms [B, 2]."""
+    settings = (sampling.temperature, sampling.top_k, sampling.top_p)
+    s1 = draw(predictor.s1_logits(h_last), *settings, uniforms[:, 0], sampling.largest_top_k)
+    s2_logits = predictor.s2_logits(caches, h_last, s1, window_lengths)
+    return s1, draw(s2_logits, *settings, uniforms[:, 1], sampling.largest_top_k)
+
+
+def compile_decode(device: torch.device) -> tuple[Callable, str]:
+    """`decode_one_token` compiled as one graph (inductor; on CUDA also CUDA graphs), and its path's name.
+
+    Shapes are dynamic, so that one graph serves any batch and cache size (torch specializes 1 row apart).
+    """
+    if device.type == "cuda":
+        graphed = torch.compile(decode_one_token, mode="reduce-overhead", dynamic=True, fullgraph=True)
+
+        def step(*args):
+            # each call may overwrite the previous call's output buffers: hand out a copy
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed(*args).clone()
+
+        return step, "compiled (inductor, CUDA graphs)"
+    return torch.compile(decode_one_token, dynamic=True, fullgraph=True), "compiled (inductor)"
 
 
 class KronosEngine:
@@ -103,7 +151,13 @@ class KronosEngine:
         max_pred_len: int = 1024,
         min_lookback: int = 2,
         info: ModelInfo | None = None,
+        compile: bool = False,
+        onednn: bool = True,
     ):
+        """`compile=True` compiles the decode step and warms it up here, so that no forecast pays for it;
+        where compile is unavailable or fails, the engine runs eager and `info.decode_path` says why.
+        `onednn` (CPU, float32 / bfloat16): the predictor's linear layers run through oneDNN on packed weights
+        (model.kronos.OneDNNLinear); the predictor given is changed in place."""
         if tokenizer.config.s1_bits != predictor.config.s1_bits:
             raise ModelLoadError(
                 f"tokenizer codes have {tokenizer.config.s1_bits} bits but the predictor expects "
@@ -115,8 +169,41 @@ class KronosEngine:
         self.clip = clip
         self.max_pred_len = max_pred_len
         self.min_lookback = min_lookback
-        self.info = info or ModelInfo("<in memory>", None, "<in memory>", None)
         self.device = predictor.head.proj_s1.weight.device
+        self.decode_one_token = decode_one_token  # or its compiled graph
+        precision = predictor_precision(predictor)
+        linears = ""
+        if onednn and self.device.type == "cpu" and precision in ("float32", "bfloat16") and use_onednn(predictor):
+            linears = ", oneDNN linears"
+        # set before the compile: the warm-up forecasts name the precision in their results
+        self.info = dataclasses.replace(
+            info or ModelInfo("<in memory>", None, "<in memory>", None), precision=precision, decode_path="eager"
+        )
+        decode_path = self._compile() if compile else "eager"
+        self.info = dataclasses.replace(self.info, decode_path=decode_path + linears)
+
+    def _compile(self) -> str:
+        if not torch._dynamo.is_dynamo_supported():
+            return "eager (torch.compile is not supported on this Python/platform)"
+        if torch._dynamo.config.disable:
+            return "eager (torch.compile disabled, TORCH_COMPILE_DISABLE)"
+        if predictor_precision(self.predictor) == "int8":
+            return "eager (int8 dynamic linears are not compiled)"
+        self.decode_one_token, path = compile_decode(self.device)
+        try:
+            self.warm_up()
+        except Exception as exc:  # any failure of the compiler stack: the eager step is always right
+            self.decode_one_token = decode_one_token
+            log.warning("torch.compile of the decode step failed, running eager: %s", exc)
+            return f"eager (compile failed: {type(exc).__name__}: {str(exc)[:200]})"
+        return path
+
+    def warm_up(self) -> None:
+        """A forecast of one row and one of two rows: every graph the decode step needs is built now."""
+        timestamps = pd.date_range("2024-01-01", periods=12, freq="5min")
+        candles = pd.DataFrame({column: np.linspace(1.0, 2.0, 8) for column in COLUMNS}, index=timestamps[:8])
+        for sample_count in (1, 2):
+            self.forecast([SeriesInput(candles, timestamps[8:], top_k=1, top_p=1.0, sample_count=sample_count, seed=0)])
 
     @classmethod
     def load(
@@ -130,12 +217,16 @@ class KronosEngine:
         dtype: str = "float32",
         max_context: int | None = None,
         offline: bool = False,
+        compile: bool = True,
         **options,
     ) -> "KronosEngine":
         """Load from a published name (kronos-small), a Hub repo id or a local directory.
 
         The tokenizer defaults to the one the published model was trained with (Kronos-Tokenizer-base
         unless the model's spec says otherwise); max_context defaults to the model's and may only shrink.
+        dtype "float32" is exact; "bfloat16", "float16" (GPU) and "int8" (CPU: dynamic int8 linears) are an
+        opt-in faster predictor whose results differ (docs/ENGINE.md) and name it. The decode step is compiled
+        here (see `KronosEngine`) unless `compile=False`.
         """
         spec = PUBLISHED_MODELS.get(predictor) or next(
             (s for s in PUBLISHED_MODELS.values() if s.predictor == predictor), None
@@ -149,16 +240,17 @@ class KronosEngine:
             raise ModelLoadError(f"max_context {max_context}: must be between 1 and the model's {model_context}")
 
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        precision = resolve_precision(dtype, torch_device)
         tokenizer_ckpt = locate(tokenizer_ref, tokenizer_revision, offline)
         predictor_ckpt = locate(predictor_ref, predictor_revision, offline)
         # the tokenizer runs twice per call on short inputs and its code signs are precision-sensitive:
         # it stays float32; only the predictor, where the time goes, takes the lower precision
         return cls(
             load_tokenizer(tokenizer_ckpt).to(torch_device),
-            load_predictor(predictor_ckpt).to(torch_device, torch_dtype),
+            lower_precision(load_predictor(predictor_ckpt).to(torch_device), precision),
             max_context=max_context,
             info=ModelInfo(predictor_ckpt.ref, predictor_ckpt.revision, tokenizer_ckpt.ref, tokenizer_ckpt.revision),
+            compile=compile,
             **options,
         )
 
@@ -291,16 +383,22 @@ class _Batch:
     def __init__(self, engine: KronosEngine, prepared: Sequence[PreparedSeries]):
         self.engine = engine
         self.prepared = prepared
-        device = engine.device
+        self.device = device = engine.device
         self.capacity = engine.max_context
         counts = torch.tensor([p.source.sample_count for p in prepared])
         self.series_of_row = torch.repeat_interleave(torch.arange(len(prepared)), counts).to(device)  # [B]
-        self.first_row = (counts.cumsum(0) - counts).to(device)  # [S]
+        self.first_row = counts.cumsum(0) - counts  # [S], on the host
         lookbacks = torch.tensor([len(p.x) for p in prepared])
         self.pred_lens = torch.tensor([p.pred_len for p in prepared])
-        self.lookbacks = lookbacks.to(device)[self.series_of_row]  # [B]
         rows = len(self.series_of_row)
+        self.all_rows = torch.arange(rows, device=device)
         width = int(lookbacks.max() + self.pred_lens.max())
+        # the host's copy of every row's length: which rows grow, slide or are done is known without a device read
+        self.host_lookbacks = np.repeat(lookbacks.numpy(), counts.numpy())  # [B]
+        self.host_lengths = self.host_lookbacks.copy()
+        self.host_pred_lens = np.repeat(self.pred_lens.numpy(), counts.numpy())  # [B]
+        # no window is longer than its row's lookback + horizon - 1 or than max_context
+        self.cache_slots = int(min(self.capacity, (self.host_lengths + self.host_pred_lens).max()))
 
         # the tokenizer is deterministic: encode each series once, then give every sample row a copy
         x = torch.zeros(len(prepared), int(lookbacks.max()), 6)
@@ -315,15 +413,18 @@ class _Batch:
         for i, p in enumerate(prepared):
             stamps[i, : len(p.stamps)] = torch.from_numpy(p.stamps)
         self.stamps = stamps.to(device)[self.series_of_row]
-        self.lengths = self.lookbacks.clone()
-        self.row_pred_lens = self.pred_lens.to(device)[self.series_of_row]
 
         def per_row(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)[self.series_of_row]
 
-        self.temperature = per_row([float(p.source.temperature) for p in prepared], torch.float32)
-        self.top_k = per_row([int(p.source.top_k) for p in prepared], torch.long)
-        self.top_p = per_row([float(p.source.top_p) for p in prepared], torch.float32)
+        top_k = [int(p.source.top_k) for p in prepared]
+        self.sampling = Sampling(
+            per_row([float(p.source.temperature) for p in prepared], torch.float32),
+            per_row(top_k, torch.long),
+            per_row([float(p.source.top_p) for p in prepared], torch.float32),
+            # every row has a top_k: the draw needs only that many candidates (no full sort)
+            max(top_k) if min(top_k) > 0 else 0,
+        )
         # every series draws from its own seeded stream: the same draws alone or in any batch
         steps = int(self.pred_lens.max())
         uniforms = torch.zeros(rows, steps, 2)
@@ -334,69 +435,77 @@ class _Batch:
             uniforms[row : row + n, : p.pred_len] = torch.rand(n, p.pred_len, 2, generator=generator)
             row += n
         self.uniforms = uniforms.to(device)
-        self.caches = engine.predictor.new_caches(rows, self.capacity)
+        self.caches = engine.predictor.new_caches(rows, self.cache_slots)
 
-    def windows(self, rows: torch.Tensor):
+    def on_device(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(self.device)
+
+    def windows(self, rows: np.ndarray):
         """The current window of each given row: the last min(length, capacity) tokens, right-padded."""
-        lengths = self.lengths[rows]
-        window_lengths = lengths.clamp(max=self.capacity)
-        offsets = torch.arange(int(window_lengths.max()), device=rows.device)
+        host_window_lengths = np.minimum(self.host_lengths[rows], self.capacity)
+        lengths, window_lengths = self.on_device(self.host_lengths[rows]), self.on_device(host_window_lengths)
+        offsets = torch.arange(int(host_window_lengths.max()), device=self.device)
         index = torch.minimum((lengths - window_lengths)[:, None] + offsets, (lengths - 1)[:, None])
-        stamps = self.stamps[rows].gather(1, index[..., None].expand(-1, -1, 5))
-        return self.tokens_s1[rows].gather(1, index), self.tokens_s2[rows].gather(1, index), stamps, window_lengths
+        on_device = self.on_device(rows)
+        stamps = self.stamps[on_device].gather(1, index[..., None].expand(-1, -1, 5))
+        s1, s2 = self.tokens_s1[on_device].gather(1, index), self.tokens_s2[on_device].gather(1, index)
+        return s1, s2, stamps, host_window_lengths
 
-    def prefill_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def prefill_rows(self, rows: np.ndarray) -> torch.Tensor:
         """Recompute the windows of `rows` into the caches; their last hidden states [R, d]."""
         s1, s2, stamps, window_lengths = self.windows(rows)
-        h = prefill(self.engine.predictor, self.caches, rows, s1, s2, stamps)
-        return h[torch.arange(len(rows), device=h.device), window_lengths - 1]
+        h = prefill(self.engine.predictor, self.caches, self.on_device(rows), s1, s2, stamps)
+        return h[torch.arange(len(rows), device=h.device), self.on_device(window_lengths - 1)]
 
     def prefill_first(self) -> torch.Tensor:
         """Prefill one row per series and copy it to that series' other sample rows."""
-        h_first = self.prefill_rows(self.first_row)
+        h_first = self.prefill_rows(self.first_row.numpy())
         if len(self.first_row) < len(self.series_of_row):
-            source = self.first_row[self.series_of_row]
+            source = self.first_row.to(self.device)[self.series_of_row]
             for cache in [*self.caches.layers, self.caches.cross]:
                 cache.k.copy_(cache.k[source])
                 cache.v.copy_(cache.v[source])
         return h_first[self.series_of_row]
 
     def step(self, h_last: torch.Tensor, step: int, use_cache: bool) -> torch.Tensor:
-        """Draw one (s1, s2) per row from h_last [B, d]; return the hidden state after appending it."""
-        predictor = self.engine.predictor
-        window_lengths = self.lengths.clamp(max=self.capacity)
-        s1 = draw(predictor.s1_logits(h_last), self.temperature, self.top_k, self.top_p, self.uniforms[:, step, 0])
-        s2_logits = predictor.s2_logits(self.caches, h_last, s1, window_lengths)
-        s2 = draw(s2_logits, self.temperature, self.top_k, self.top_p, self.uniforms[:, step, 1])
+        """Draw one (s1, s2) per row from h_last [B, d]; return the hidden state after appending it.
 
-        active = step < self.row_pred_lens  # rows whose horizon is not yet reached
-        rows = active.nonzero()[:, 0]
-        self.tokens_s1[rows, self.lengths[rows]] = s1[rows]
-        self.tokens_s2[rows, self.lengths[rows]] = s2[rows]
-        self.lengths += active
-        more = step + 1 < self.row_pred_lens
+        Which rows grow, slide or are done follows from lookbacks and horizons the host holds: the step reads
+        nothing back from the device.
+        """
+        engine = self.engine
+        window_lengths = self.on_device(np.minimum(self.host_lengths, self.capacity))
+        uniforms = self.uniforms[:, step]
+        s1, s2 = draw_codes(engine.predictor, self.caches, h_last, window_lengths, self.sampling, uniforms)
+        active = step < self.host_pred_lens  # rows whose horizon is not yet reached
+        rows = self.on_device(np.flatnonzero(active))
+        slots = self.on_device(self.host_lengths[active])
+        self.tokens_s1[rows, slots] = s1[rows]
+        self.tokens_s2[rows, slots] = s2[rows]
+        self.host_lengths += active
+        more = step + 1 < self.host_pred_lens
         # exact cached step while the window still starts at position 0; otherwise recompute it
-        grows = more & (self.lengths <= self.capacity) if use_cache else torch.zeros_like(more)
+        grows = more & (self.host_lengths <= self.capacity) if use_cache else np.zeros_like(more)
         slides = more & ~grows
         if grows.any():
             # every row takes the step: rows that do not need it (done, or about to be recomputed) only
             # write into slots nothing reads again, and batch rows are nearly free in a weight-bound step
-            positions = (self.lengths - 1).clamp(max=self.capacity - 1)
-            stamp = self.stamps[torch.arange(len(positions), device=positions.device), self.lengths - 1]
-            h_step = decode_one_token(predictor, self.caches, s1, s2, stamp, positions)
-            h_last = torch.where(grows[:, None], h_step, h_last)
+            last = self.on_device(self.host_lengths - 1)
+            positions = last.clamp(max=self.cache_slots - 1)
+            h_step = engine.decode_one_token(
+                engine.predictor, self.caches, s1, s2, self.stamps[self.all_rows, last], positions
+            )
+            h_last = h_step if grows.all() else torch.where(self.on_device(grows)[:, None], h_step, h_last)
         if slides.any():
-            recompute = slides.nonzero()[:, 0]
-            h_last = h_last.index_put((recompute,), self.prefill_rows(recompute))
+            recompute = np.flatnonzero(slides)
+            h_last = h_last.index_put((self.on_device(recompute),), self.prefill_rows(recompute))
         return h_last
 
     def results(self) -> list[SeriesForecast]:
-        rows = torch.arange(len(self.lengths), device=self.lengths.device)
-        s1, s2, _, window_lengths = self.windows(rows)
+        s1, s2, _, window_lengths = self.windows(np.arange(len(self.host_lengths)))
         decoded = self.engine.tokenizer.decode(s1, s2).float().cpu().numpy()  # [B, W, 6]
-        window_lengths = window_lengths.cpu().numpy()
         tokens_s1, tokens_s2 = self.tokens_s1.cpu().numpy(), self.tokens_s2.cpu().numpy()
-        lookbacks = self.lookbacks.cpu().numpy()
+        lookbacks = self.host_lookbacks
         out, row = [], 0
         for p in self.prepared:
             n, horizon = p.source.sample_count, p.pred_len
@@ -409,6 +518,7 @@ class _Batch:
                 seed=p.seed,
                 s1=tokens_s1[row : row + n, generated],
                 s2=tokens_s2[row : row + n, generated],
+                precision=self.engine.info.precision,
             )
             if len(p.source.quantiles) or p.source.return_paths:
                 priced = denormalize(paths, p.mean, p.std)

@@ -1,13 +1,18 @@
 """Kronos for inference: tokenizer, predictor, KV cache, `prefill` and `decode_one_token`.
 
 Parameter names follow the published checkpoints so `load_state_dict` takes them unchanged.
-Shapes: B batch rows (series x samples), T window length, C cache capacity (max_context),
+Shapes: B batch rows (series x samples), T window length, C cache capacity (at most max_context),
 H heads, D head dim, d model dim, V vocabulary of one code (2**s1_bits).
 Rows may have windows of different lengths: windows are right-padded, and since every attention
 here is causal, padding never reaches a real position.
+
+q/k/v and w1/w3 run as one GEMM each (`qkv`, `w13`); the checkpoints keep them apart, and state-dict
+hooks concatenate them on load and split them again in `state_dict()`. `decode_one_token` reads
+nothing back to the host, so that it compiles as one graph (torch.compile, CUDA graphs).
 """
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +50,79 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+@torch.library.custom_op("kronos::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN with the weight packed by `OneDNNLinear.pack`.
+
+    An operator of its own so that a compiled graph calls it as it is (the packed weight is no tensor the
+    compiler can trace); the packed copy is found by the address of the weight it was made from.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[weight.data_ptr()], bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_PACKED: dict[int, torch.Tensor] = {}  # weight address -> oneDNN-packed copy, while the weight lives
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose product runs through oneDNN on a pre-packed weight (CPU, float32 / bfloat16).
+
+    PyTorch's float32 GEMM goes through MKL, which on some CPUs (AMD EPYC) takes a path 2-3x slower than
+    oneDNN's for the same products, at batch 1 as for whole windows; results agree to float32 rounding.
+    """
+
+    @classmethod
+    def pack(cls, linear: nn.Linear) -> "OneDNNLinear":
+        packed = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        packed.weight, packed.bias = linear.weight, linear.bias
+        key = linear.weight.data_ptr()
+        _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        weakref.finalize(linear.weight, _PACKED.pop, key, None)
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def use_onednn(module: nn.Module) -> bool:
+    """Swap every nn.Linear of `module` (on CPU) for a freshly packed OneDNNLinear; False where oneDNN is missing.
+
+    Pack after the last change of the weights' dtype or device: a packed copy is of the weights as they were.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+                setattr(parent, name, OneDNNLinear.pack(child))
+    return True
+
+
+def fuse_on_load(module: nn.Module, fused: str, parts: tuple[str, ...]) -> None:
+    """Keep the Linear layers `parts` (as the checkpoint names them) as one Linear `fused`, stacked along
+    the output dimension: one GEMM instead of len(parts), the same arithmetic per output."""
+
+    def split(module, state, prefix, local_metadata):
+        for kind in ("weight", "bias"):
+            key = f"{prefix}{fused}.{kind}"
+            if key in state:
+                for name, piece in zip(parts, state.pop(key).chunk(len(parts)), strict=True):
+                    state[f"{prefix}{name}.{kind}"] = piece
+
+    def join(module, state, prefix, *args):
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in parts]
+            if all(key in state for key in keys):
+                state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(key) for key in keys])
+
+    module.register_state_dict_post_hook(split)
+    module.register_load_state_dict_pre_hook(join)
+
+
 class KVCache:
     """Preallocated keys and values of one attention layer: no copy per generated token."""
 
@@ -58,21 +136,35 @@ class KVCache:
         self.k[rows, :, :width] = k
         self.v[rows, :, :width] = v
 
-    def write_token(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_token(self, slot: "TokenSlots", k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v [B, H, 1, D]; row b's token goes to slot positions[b]
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, positions] = k[:, :, 0]
-        self.v[rows, :, positions] = v[:, :, 0]
+        self.k[slot.rows, :, slot.positions] = k[:, :, 0]
+        self.v[slot.rows, :, slot.positions] = v[:, :, 0]
 
 
-class Attention(nn.Module):
+class TokenSlots:
+    """Where one decode step writes and what it may read, computed once per step for every layer.
+
+    rows [B] (0..B-1), positions [B] (the new token's slot), visible [B, 1, 1, C] (slots 0..position),
+    cos/sin [B, 1, 1, D] (the rotary angle of each row's position).
+    """
+
+    def __init__(self, caches: "PredictorCaches", positions: torch.Tensor):
+        capacity = caches.cos.shape[0]
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        self.positions = positions
+        self.visible = (torch.arange(capacity, device=positions.device) <= positions[:, None])[:, None, None, :]
+        self.cos = caches.cos[positions][:, None, None]
+        self.sin = caches.sin[positions][:, None, None]
+
+
+class Heads(nn.Module):
+    """Splitting into heads and merging them through the output projection."""
+
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,33 +175,37 @@ class Attention(nn.Module):
         # [B, H, T, D] -> [B, T, d]
         return self.out_proj(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1))
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, rows=None, positions=None):
-        q = apply_rotary(self.split_heads(self.q_proj(x)), cos, sin)
-        k = apply_rotary(self.split_heads(self.k_proj(x)), cos, sin)
-        v = self.split_heads(self.v_proj(x))
-        if positions is None:  # a whole window, causal
+
+class Attention(Heads):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__(d_model, n_heads)
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # checkpoint: q_proj, k_proj, v_proj
+        fuse_on_load(self, "qkv", ("q_proj", "k_proj", "v_proj"))
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, rows=None, slot: TokenSlots | None = None):
+        q, k, v = (self.split_heads(part) for part in self.qkv(x).chunk(3, dim=-1))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if slot is None:  # a whole window, causal
             if cache is not None:
                 cache.write_window(rows, k, v)
             return self.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        # one token per row at its own position; attend to slots 0..position of that row
-        cache.write_token(positions, k, v)
-        span = int(positions.max()) + 1
-        visible = torch.arange(span, device=x.device) <= positions[:, None]  # [B, span]
-        out = F.scaled_dot_product_attention(
-            q, cache.k[:, :, :span], cache.v[:, :, :span], attn_mask=visible[:, None, None, :]
-        )
+        # one token per row at its own position; attend to slots 0..position of that row (the whole
+        # capacity, masked: a static shape, and no host read of the longest position)
+        cache.write_token(slot, k, v)
+        out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=slot.visible)
         return self.merge_heads(out)
 
 
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, ff_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(d_model, ff_dim, bias=False)
-        self.w3 = nn.Linear(d_model, ff_dim, bias=False)
+        self.w13 = nn.Linear(d_model, 2 * ff_dim, bias=False)  # checkpoint: w1, w3
         self.w2 = nn.Linear(ff_dim, d_model, bias=False)
+        fuse_on_load(self, "w13", ("w1", "w3"))
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -120,8 +216,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = RMSNorm(d_model)
         self.ffn = FeedForward(d_model, ff_dim)
 
-    def forward(self, x, cos, sin, cache=None, rows=None, positions=None):
-        x = x + self.self_attn(self.norm1(x), cos, sin, cache, rows, positions)
+    def forward(self, x, cos, sin, cache=None, rows=None, slot=None):
+        x = x + self.self_attn(self.norm1(x), cos, sin, cache, rows, slot)
         return x + self.ffn(self.norm2(x))
 
 
@@ -227,13 +323,24 @@ class DependencyLayer(nn.Module):
 
     def __init__(self, d_model: int):
         super().__init__()
-        self.cross_attn = Attention(d_model, S2_HEAD_HEADS)
+        self.cross_attn = CrossAttention(d_model, S2_HEAD_HEADS)
         self.norm = RMSNorm(d_model)
 
     def keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # h [B, T, d] -> k, v [B, 4, T, d/4]
         attn = self.cross_attn
-        return attn.split_heads(attn.k_proj(h)), attn.split_heads(attn.v_proj(h))
+        k, v = attn.kv(h).chunk(2, dim=-1)
+        return attn.split_heads(k), attn.split_heads(v)
+
+
+class CrossAttention(Heads):
+    """Query and keys/values come from different inputs: q apart, k and v as one GEMM."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__(d_model, n_heads)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)  # checkpoint: k_proj, v_proj
+        fuse_on_load(self, "kv", ("k_proj", "v_proj"))
 
 
 class DualHead(nn.Module):
@@ -266,12 +373,12 @@ class KronosPredictor(nn.Module):
 
     def new_caches(self, rows: int, capacity: int) -> "PredictorCaches":
         weight = self.head.proj_s1.weight
+        dtype = weight.dtype
         cfg = self.config
         layers = [
-            KVCache(rows, cfg.n_heads, capacity, self.head_dim, weight.dtype, weight.device)
-            for _ in range(cfg.n_layers)
+            KVCache(rows, cfg.n_heads, capacity, self.head_dim, dtype, weight.device) for _ in range(cfg.n_layers)
         ]
-        cross = KVCache(rows, S2_HEAD_HEADS, capacity, cfg.d_model // S2_HEAD_HEADS, weight.dtype, weight.device)
+        cross = KVCache(rows, S2_HEAD_HEADS, capacity, cfg.d_model // S2_HEAD_HEADS, dtype, weight.device)
         return PredictorCaches(layers, cross, rotary_tables(self.head_dim, capacity, weight.device))
 
     def s1_logits(self, h_last: torch.Tensor) -> torch.Tensor:
@@ -281,11 +388,9 @@ class KronosPredictor(nn.Module):
         """h_last [B, d], chosen s1 [B], window_lengths [B] -> s2 logits [B, V]."""
         attn = self.dep_layer.cross_attn
         q = attn.split_heads(attn.q_proj(self.embedding.emb_s1(s1))[:, None])  # [B, 4, 1, d/4]
-        span = int(window_lengths.max())
-        visible = torch.arange(span, device=s1.device) < window_lengths[:, None]  # [B, span]
-        out = F.scaled_dot_product_attention(
-            q, caches.cross.k[:, :, :span], caches.cross.v[:, :, :span], attn_mask=visible[:, None, None, :]
-        )
+        capacity = caches.cross.k.shape[2]
+        visible = torch.arange(capacity, device=s1.device) < window_lengths[:, None]  # [B, C]
+        out = F.scaled_dot_product_attention(q, caches.cross.k, caches.cross.v, attn_mask=visible[:, None, None, :])
         attended = attn.merge_heads(out)[:, 0]  # [B, d]
         return self.head.proj_s2(self.dep_layer.norm(h_last + attended)).float()
 
@@ -320,9 +425,9 @@ def decode_one_token(model: KronosPredictor, caches: PredictorCaches, s1, s2, st
     s1, s2 [B], stamp [B, 5], positions [B] (the slot of the new token) -> h [B, d].
     """
     x = model.embed(s1[:, None], s2[:, None], stamp[:, None])  # [B, 1, d]
-    cos, sin = caches.cos[positions][:, None, None], caches.sin[positions][:, None, None]  # [B, 1, 1, D]
+    slot = TokenSlots(caches, positions)
     for block, cache in zip(model.transformer, caches.layers, strict=True):
-        x = block(x, cos, sin, cache, positions=positions)
+        x = block(x, slot.cos, slot.sin, cache, slot=slot)
     h = model.norm(x)  # [B, 1, d]
-    caches.cross.write_token(positions, *model.dep_layer.keys_values(h))
+    caches.cross.write_token(slot, *model.dep_layer.keys_values(h))
     return h[:, 0]

@@ -6,6 +6,7 @@ NeoQuasar/Kronos-* repositories use. Downloads go through huggingface_hub, so it
 """
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from huggingface_hub.errors import (
 )
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from torch.ao.quantization import quantize_dynamic
 
 from model.config import PredictorConfig, TokenizerConfig
 from model.errors import ModelLoadError
@@ -171,10 +174,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ModelLoadError(f"dtype {name!r}: use one of {', '.join(dtypes)}")
-    if dtypes[name] != torch.float32 and device.type != "cuda":
-        raise ModelLoadError(f"dtype {name!r} is offered on GPU only; use float32 on {device}")
-    return dtypes[name]
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """float32 (exact), or an opt-in lower precision of the predictor that this device runs well."""
+    if name not in PRECISIONS:
+        raise ModelLoadError(f"dtype {name!r}: use one of {', '.join(PRECISIONS)}")
+    if name == "float16" and device.type != "cuda":
+        raise ModelLoadError(f"dtype {name!r} is offered on GPU only; use float32, bfloat16 or int8 on {device}")
+    if name == "int8" and device.type != "cpu":
+        raise ModelLoadError(f"dtype {name!r} (dynamic int8 linears) is offered on CPU only; use bfloat16 or float16")
+    return name
+
+
+def lower_precision(predictor: KronosPredictor, precision: str) -> KronosPredictor:
+    """The predictor in `precision`: a dtype for weights, caches and activations (RMSNorm statistics stay
+    float32), or for int8 the transformer's linears with int8 weights and dynamically quantized inputs."""
+    if precision == "int8":
+        with warnings.catch_warnings():
+            # torch deprecates eager quantization in favour of torchao, which this project does not depend on
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            quantize_dynamic(predictor.transformer, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        return predictor
+    return predictor.to(getattr(torch, precision))
+
+
+def predictor_precision(predictor: KronosPredictor) -> str:
+    if any(isinstance(m, DynamicQuantizedLinear) for m in predictor.transformer.modules()):
+        return "int8"
+    return str(predictor.head.proj_s1.weight.dtype).removeprefix("torch.")

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from bench import __main__ as suite
-from bench import e2e, engine_bench, engine_sweep, plots, tables
+from bench import compare, e2e, engine_bench, engine_sweep, plots, reference, tables
 from model.config import PredictorConfig
 
 TINY = PredictorConfig(d_model=16, n_layers=1, n_heads=2, ff_dim=16, s1_bits=10, s2_bits=10, learn_te=True)
@@ -116,3 +116,57 @@ def test_tiny_engine_sweep_through_the_entry_point(tmp_path, monkeypatch):
     suite_json = json.loads((tmp_path / "suite_cpu.json").read_text())
     assert len(suite_json["plots"]) == 2 and "wall_seconds" in suite_json
     assert "1x32" in (tmp_path / "tables_cpu.md").read_text()
+
+
+def test_reference_column_is_skipped_with_the_reason_when_its_python_is_missing(tmp_path):
+    python, why = reference.locate(str(tmp_path / "no-python"))
+    assert python is None and "--reference-python" in why and "no such file" in why
+
+
+def comparison_report(with_reference: bool) -> dict:
+    seconds = {"best": 0.9, "median": 1.0, "runs": [1.0, 0.9]}
+    workload = {"key": "1x392", "series": 1, "lookback": 392, "pred_len": 120, "target": 20.0}
+    workload["project_seconds_per_series"] = seconds
+    if with_reference:
+        workload |= {
+            "reference_series": 1,
+            "reference_seconds_per_series": {"best": 27.0, "median": 30.0, "runs": [30.0, 27.0]},
+            "speedup_median": 30.0,
+            "speedup_best": 30.0,
+            "pass": True,
+        }
+    drift = {"code_agreement_mean": 0.5, "close_mape_percent": 0.2}
+    precision = {"decode_path": "eager", "seconds_1x392": seconds, "speedup_over_float32_median": 1.0}
+    return {
+        "workloads": [workload],
+        "decode_floor": {
+            "decode_path": "compiled (inductor)",
+            "decode_one_token_ms": {"best": 4.0, "median": 4.5},
+            "matrix_vector_products": 59,
+            "weight_megabytes": 88.0,
+            "floor_ms": {"best": 5.0, "median": 5.5},
+            "floor_gb_per_s_best": 17.6,
+            "onednn_floor_ms": {"best": 2.0, "median": 2.5},
+            "ratio_median": 0.82,
+            "ratio_best": 0.8,
+            "ratio_to_onednn_floor_median": 1.8,
+            "target": 1.3,
+            "pass": True,
+        },
+        "precisions": {"float32": precision, "int8": {**precision, "drift": drift}},
+        "first_forecast": {
+            "engine_build_seconds": 20.0,
+            "first_forecast_seconds": 1.0,
+            "later_forecast_seconds_median": 1.0,
+            "graphs_compiled_during_first_forecast": 0,
+        },
+        "reference": "KRONOS_BENCH_REFERENCE_PYTHON /x/python" if with_reference else "no reference Python",
+    }
+
+
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_comparison_table_names_ratio_floor_and_precisions(with_reference):
+    text = compare.table(comparison_report(with_reference))
+    assert ("**30.0x**" in text) == with_reference
+    assert ("(no reference)" in text) != with_reference
+    assert "**0.82x**" in text and "| int8 | eager |" in text and "50.0%" in text

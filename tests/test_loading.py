@@ -37,6 +37,8 @@ def greedy_close(engine: KronosEngine) -> list[float]:
 def load(
     predictor: Path | str = PREDICTOR, tokenizer: Path | str = TOKENIZER, device: str = "cpu", **options
 ) -> KronosEngine:
+    # what loading finds and refuses; the compiled decode step has its own tests (test_engine_compile.py)
+    options.setdefault("compile", False)
     return KronosEngine.load(predictor=str(predictor), tokenizer=str(tokenizer), device=device, **options)
 
 
@@ -72,7 +74,7 @@ def directory_close() -> dict[Path, list[float]]:
 
 def test_local_directories_load_and_are_named(directory_close):
     engine = load()
-    assert engine.info == ModelInfo(str(PREDICTOR), None, str(TOKENIZER), None)
+    assert engine.info == ModelInfo(str(PREDICTOR), None, str(TOKENIZER), None, "float32", "eager, oneDNN linears")
     assert engine.max_context == 512
     assert engine.device == torch.device("cpu")
     assert greedy_close(engine) == directory_close[PREDICTOR]
@@ -260,15 +262,24 @@ def test_unknown_device(device):
         KronosEngine.load(str(PREDICTOR), str(TOKENIZER), device=device)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_on_cpu(dtype):
+def test_float16_on_cpu():
     with pytest.raises(ModelLoadError, match="offered on GPU only"):
-        load(dtype=dtype)
+        load(dtype="float16")
 
 
 def test_unknown_dtype():
-    with pytest.raises(ModelLoadError, match="use one of float32, bfloat16, float16"):
-        load(dtype="int8")
+    with pytest.raises(ModelLoadError, match="use one of float32, bfloat16, float16, int8"):
+        load(dtype="int4")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_opt_in_precision_is_named_in_the_engine_and_every_result(dtype):
+    engine = load(dtype=dtype)
+    assert engine.info.precision == dtype
+    assert load().info.precision == "float32"
+    forecast = engine.forecast([greedy_input()])[0]
+    assert forecast.precision == dtype
+    assert np.isfinite(forecast.mean.to_numpy()).all()
 
 
 @pytest.mark.parametrize("max_context", [513, 0, -1])
@@ -338,7 +349,7 @@ from test_loading import greedy_close
 outcomes = {}
 for name, arguments in json.loads(sys.argv[1]).items():
     try:
-        engine = KronosEngine.load(device="cpu", **arguments)
+        engine = KronosEngine.load(device="cpu", compile=False, **arguments)
     except Exception as exc:
         transient = getattr(exc, "transient", None)
         outcomes[name] = {"error": type(exc).__name__, "message": str(exc), "transient": transient}
@@ -410,6 +421,8 @@ def test_repo_ids_load_from_the_cache_at_main(hub_outcomes, directory_close, sce
         "predictor_revision": MAIN_COMMIT,
         "tokenizer": TOKENIZER_REPO,
         "tokenizer_revision": TOKENIZER_COMMIT,
+        "precision": "float32",
+        "decode_path": "eager, oneDNN linears",
     }, outcome
     assert outcome["close"] == pytest.approx(directory_close[PREDICTOR], rel=1e-6)
 

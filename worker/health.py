@@ -115,6 +115,8 @@ class Heartbeat:
             "tokenizer_revision": info.tokenizer_revision,
             "device": serving.device,
             "synthetic_model": serving.synthetic,
+            "precision": info.precision,  # float32, or the opt-in lower precision whose results differ
+            "decode_path": info.decode_path,  # compiled, or eager with the reason
         }
         self.readiness.model_loaded = True
         self.beat()

@@ -1,0 +1,96 @@
+"""The compiled decode step computes what the eager one does, is built at load, and falls back to eager."""
+
+import kronos_cases as kc
+import numpy as np
+import pytest
+import torch
+from test_engine_parity import CASE_NAMES, assert_matches_case
+from torch._dynamo.utils import counters
+
+from model import KronosEngine
+from model import engine as engine_module
+from model.loading import load_predictor, load_tokenizer, locate
+
+
+def new_engine(max_context: int = 512, compile: bool = True, onednn: bool = True) -> KronosEngine:
+    return KronosEngine(
+        load_tokenizer(locate(str(kc.PARITY / "tokenizer"))),
+        load_predictor(locate(str(kc.PARITY / "predictor"))),
+        max_context=max_context,
+        compile=compile,
+        onednn=onednn,
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[int, KronosEngine]:
+    """Compiled engines by max_context, as the parity cases need them."""
+    return {context: new_engine(context) for context in sorted({c["max_context"] for c in kc.cases()})}
+
+
+def test_the_compiled_path_is_taken_and_named(compiled):
+    for engine in compiled.values():
+        assert engine.info.decode_path == "compiled (inductor), oneDNN linears"
+        assert engine.decode_one_token is not engine_module.decode_one_token
+
+
+@pytest.mark.parametrize("name", [n for n in CASE_NAMES if kc.case(n)["predictor"] == "predictor"])
+def test_compiled_engine_matches_the_reference(compiled, name):
+    c = kc.case(name)
+    assert_matches_case(c, compiled[c["max_context"]].forecast(kc.case_inputs(c)))
+
+
+def test_forecasts_after_load_build_no_new_graph(compiled):
+    """The warm-up at load built every graph: batches of other sizes and cache lengths compile nothing."""
+    engine = compiled[max(compiled)]
+    graphs = counters["stats"]["unique_graphs"]
+    engine.forecast([kc.window(10, 30, 4, top_k=1, top_p=1.0)])
+    engine.forecast([kc.window(10, 200, 9, sample_count=3), kc.window(400, 64, 20, top_k=5)])
+    engine.forecast([kc.window(700, 600, 12)])  # a lookback beyond max_context: windows slide
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_and_eager_sample_the_same_paths(compiled):
+    engine, eager = compiled[128], new_engine(128, compile=False)
+    inputs = [
+        kc.window(100, 40, 30, sample_count=3, top_p=0.9, seed=11),
+        kc.window(900, 70, 8, temperature=1.7, top_k=40, seed=12),
+        kc.window(1500, 5, 70, sample_count=2, top_p=0.5, temperature=0.4, seed=13),
+    ]
+    for a, b in zip(engine.forecast(inputs), eager.forecast(inputs), strict=True):
+        np.testing.assert_array_equal(a.s1, b.s1)
+        np.testing.assert_array_equal(a.s2, b.s2)
+        np.testing.assert_allclose(a.mean.to_numpy(), b.mean.to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_why(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(engine_module, "compile_decode", lambda device: (broken, "compiled (inductor)"))
+    engine = new_engine()
+    assert engine.info.decode_path == "eager (compile failed: RuntimeError: no C++ compiler), oneDNN linears"
+    assert engine.decode_one_token is engine_module.decode_one_token
+    c = kc.case("short_no_slide")
+    assert_matches_case(c, engine.forecast(kc.case_inputs(c)))
+
+
+def test_compile_disabled_by_torch_is_reported():
+    with torch._dynamo.config.patch(disable=True):  # what TORCH_COMPILE_DISABLE=1 sets
+        assert new_engine().info.decode_path.startswith("eager (torch.compile disabled, TORCH_COMPILE_DISABLE)")
+
+
+def test_eager_is_the_default_of_the_constructor_and_load_compiles():
+    assert new_engine(compile=False).info.decode_path == "eager, oneDNN linears"
+    loaded = KronosEngine.load(str(kc.PARITY / "predictor"), str(kc.PARITY / "tokenizer"), device="cpu")
+    assert loaded.info.decode_path == "compiled (inductor), oneDNN linears"
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("name", ["short_no_slide", "slides_past_context", "batch_of_three"])
+def test_plain_torch_linears_match_the_reference_too(name, compile):
+    """Where oneDNN is not used (or not available), the linears are PyTorch's own."""
+    c = kc.case(name)
+    engine = new_engine(c["max_context"], compile=compile, onednn=False)
+    assert "oneDNN" not in engine.info.decode_path
+    assert_matches_case(c, engine.forecast(kc.case_inputs(c)))

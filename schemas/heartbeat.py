@@ -38,6 +38,10 @@ class WorkerHeartbeat(BaseModel):
     jobs_in_flight: int = 0
     jobs_done: int = 0
     synthetic_model: bool = False
+    precision: str | None = Field(None, description="The engine's precision: float32, or an opt-in lower one.")
+    decode_path: str | None = Field(
+        None, description="How the decode step runs: compiled (inductor, CUDA graphs on GPU), or eager and why."
+    )
     model_update: dict[str, Any] | None = Field(
         None,
         description="The last rolling model update this worker was told to make: id, state (loading, switched, "

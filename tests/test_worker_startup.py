@@ -7,7 +7,7 @@ import pytest
 from redis_server import RedisServer
 from worker_process import REPO_ROOT, WorkerProcess, producer_app, worker_env
 
-from schemas import ForecastRequest
+from schemas import HEARTBEAT_KEY, ForecastRequest
 from tasks.producer import submit
 
 pytestmark = pytest.mark.integration
@@ -54,3 +54,25 @@ def test_worker_that_cannot_load_its_model_exits_without_taking_jobs(tmp_path, o
         with WorkerProcess(healthy_env, name="healthy"):
             assert job.get(timeout=60)["series_id"] == "waits"
         producer.close()
+
+
+def test_a_worker_compiles_its_decode_step_before_it_takes_a_job():
+    """Other tests' workers skip the compile (TORCH_COMPILE_DISABLE, tests/worker_process.py); this one loads as
+    a deployment does: the heartbeat names the compiled decode path, and the first job is served by it."""
+    with RedisServer() as server:
+        env = worker_env(
+            {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"},
+            KRONOS_BROKER_URL=server.url(0), KRONOS_RESULT_BACKEND=server.url(1), PYTHONPATH=str(REPO_ROOT),
+        )  # fmt: skip
+        env.pop("TORCH_COMPILE_DISABLE")
+        app = producer_app(env)
+        worker = WorkerProcess(env, name="compiled")
+        try:
+            worker.start().wait_ready(timeout=240)  # the compile is part of the load
+            heartbeat = next(iter(server.client(0).hgetall(HEARTBEAT_KEY).values()))
+            assert '"decode_path": "compiled' in heartbeat.decode(), heartbeat
+            request = ForecastRequest.from_frame(kc.candles().iloc[:48], series_id="first", pred_len=4, freq="5min")
+            assert len(submit(request, celery_app=app).get(timeout=60)["forecast"]["close"]) == 4
+        finally:
+            worker.stop()
+            app.close()

@@ -28,6 +28,9 @@ def worker_env(base: dict[str, str], **overrides: str) -> dict[str, str]:
         KRONOS_MAX_BATCH_WAIT_MS="100",
         KRONOS_TEST_FAULTS="1",
         KRONOS_MIN_CANDLES="2",
+        # Workers start in seconds, not in a compile: the compiled decode step is tested on its own
+        # (tests/test_engine_compile.py) and in one worker (tests/test_worker_startup.py).
+        TORCH_COMPILE_DISABLE="1",
         PYTHONUNBUFFERED="1",
     )
     env.update(overrides)

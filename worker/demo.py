@@ -244,6 +244,9 @@ def demo_worker(
         "KRONOS_MODEL": MODEL,
         "KRONOS_PREDICTOR": checkpoints.predictor,
         "KRONOS_TOKENIZER": checkpoints.tokenizer,
+        # One forecast does not repay compiling the decode step (35-40 s cold on two cores, docs/ENGINE.md):
+        # the demo's worker runs it eager, and says so in its heartbeat. Set it to 0 to see the compiled path.
+        "TORCH_COMPILE_DISABLE": os.environ.get("TORCH_COMPILE_DISABLE", "1"),
     }
     command = [sys.executable, "-m", "worker.launch", "--cpu", "--", "--loglevel", "warning", "--without-mingle"]
     with log_path.open("ab") as log:

@@ -1,7 +1,7 @@
 """Soak run: thousands of jobs through two worker processes while a chaos loop breaks things.
 
     python -m bench.soak [--jobs 2000] [--rate 25] [--chaos-every 8] [--timeouts aggressive|default]
-                         [--out bench/results/soak.json]
+                         [--out bench/results/soak_<timeouts>.json]
 
 It starts its own redis-server (AOF on) and two `celery worker` processes serving the tiny fixture
 checkpoints, submits jobs (unique ids and seeds) at a steady rate, and meanwhile, at random intervals, does
@@ -284,8 +284,9 @@ def main():
     parser.add_argument("--chaos-every", type=float, default=8, help="mean seconds between chaos events")
     parser.add_argument("--drain", type=float, default=180, help="seconds to wait for the last outcomes")
     parser.add_argument("--timeouts", choices=("aggressive", "default"), default="aggressive")
-    parser.add_argument("--out", default=str(REPO / "bench/results/soak.json"))
+    parser.add_argument("--out", help="report file (default bench/results/soak_<timeouts>.json)")
     args = parser.parse_args()
+    args.out = args.out or str(REPO / f"bench/results/soak_{args.timeouts}.json")
     soak = Soak(args)
     try:
         report = soak.run()

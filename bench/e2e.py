@@ -275,6 +275,8 @@ class Stack:
             KRONOS_METRICS_PORT="0",
             PYTHONPATH=str(engine_bench.ROOT),
         )
+        # served as deployed, decode step compiled at load like the direct engine (the test harness skips it)
+        self.env.pop("TORCH_COMPILE_DISABLE", None)
         self.app = producer_app(self.env)
         self.results_client = self.server.client(1)
         self.listener = ResultListener(self.results_client)

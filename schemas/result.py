@@ -42,6 +42,9 @@ class ForecastResult(BaseModel):
 
     job_id: str
     series_id: str
+    precision: str = Field(
+        "float32", description="The predictor's precision: float32 (exact), or the opt-in bfloat16/float16/int8."
+    )
     request_digest: str | None = Field(
         None, description="schemas.job_digest of the request this answers: a job id names one request."
     )

@@ -19,7 +19,7 @@ from redis_server import RedisServer, free_port
 from test_reliability import job, outcome, producer, queued, reliable_env, wait_for_outcomes, wait_until
 from worker_process import WorkerProcess
 
-from schemas import ErrorCode, JobFailed
+from schemas import ErrorCode, JobFailed, job_digest
 from tasks.producer import submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -217,6 +217,9 @@ def test_a_reused_job_id_never_returns_another_requests_answer():
             assert submit(first, celery_app=app).get(timeout=30)["job_id"] == "report-1"
             stored = outcome(server, "report-1")
             assert engine_runs(port) == 1
+            # the answer names the request it answers, and the precision that computed it
+            assert stored["result"]["request_digest"] == job_digest(first)
+            assert stored["result"]["precision"] == "float32"
             submit(other, celery_app=app)  # a raw producer, no job record
             wait_until(lambda: queued(server) == 0 and server.client(0).hlen("unacked") == 0, timeout=30,
                        what="the second message to be consumed")  # fmt: skip

@@ -483,6 +483,7 @@ def build_result(
         job_id=job_id,
         series_id=request.series_id,
         request_digest=job_digest(request),
+        precision=info.precision,
         model=request.model,
         model_id=info.predictor,
         model_revision=info.predictor_revision,

@@ -20,7 +20,7 @@ from tasks.settings import (
 from worker.quotas import QUOTA_MODES, QuotaPolicy
 
 _DEVICES_HELP = "cpu, cuda, cuda:N or auto"
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16", "int8")
 _LOG_FORMATS = ("json", "text")
 
 

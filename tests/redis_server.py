@@ -133,9 +133,13 @@ class RedisServer:
         startup_timeout: float = 10.0,
         executable: str | None = None,
         tls: TlsFiles | None = None,
+        inspect_as: tuple[str, str] | None = None,
     ) -> None:
         self.executable = executable or (find_tls_redis_server() if tls else find_redis_server())
         self.tls = tls
+        # (user, password) that may read every key, for the result check at close on a server whose default
+        # user is off (an ACL file); a --requirepass password is found in extra_args
+        self.inspect_as = inspect_as
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
@@ -236,11 +240,16 @@ class RedisServer:
 
     def _results_that_are_not_strict_json(self) -> list[str]:
         """The result documents (celery-task-meta-*, in the broker and result DBs) that a strict JSON parser
-        (RFC 8259: no NaN, no Infinity) refuses. A server whose default user is off is not looked at."""
+        (RFC 8259: no NaN, no Infinity) refuses. A server with an ACL file is read as `inspect_as`."""
         found = []
+        credentials = {}
+        if self.inspect_as is not None:
+            credentials = dict(zip(("username", "password"), self.inspect_as, strict=True))
+        elif "--requirepass" in self.extra_args:
+            credentials = {"password": self.extra_args[self.extra_args.index("--requirepass") + 1]}
         try:
             for db in (0, 1):
-                with self.client(db) as client:
+                with self.client(db, **credentials) as client:
                     for key in client.scan_iter("celery-task-meta-*", count=1000):
                         document = client.get(key)
                         try:

@@ -89,8 +89,9 @@ def acl_file(acl_env, secrets, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(acl_file, redis_7):
-    with RedisServer(extra_args=["--aclfile", str(acl_file)], executable=redis_7) as redis_server:
+def server(acl_file, redis_7, secrets):
+    admin = (ADMIN, secrets[ADMIN])
+    with RedisServer(extra_args=["--aclfile", str(acl_file)], executable=redis_7, inspect_as=admin) as redis_server:
         yield redis_server
 
 
@@ -621,7 +622,9 @@ def test_producers_send_without_declaring_even_before_any_worker_ran(
     for name, value in acl_env.items():
         monkeypatch.setenv(name, value)
     with (
-        RedisServer(extra_args=["--aclfile", str(acl_file)], executable=redis_7) as fresh,
+        RedisServer(
+            extra_args=["--aclfile", str(acl_file)], executable=redis_7, inspect_as=(ADMIN, secrets[ADMIN])
+        ) as fresh,
         connect(fresh, secrets, ADMIN) as admin,
         producer_client(fresh, secrets, "alpha") as alpha,
     ):

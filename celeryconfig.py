@@ -6,7 +6,8 @@ Variables: docs/CONFIGURATION.md. No torch and no worker/model imports here: pro
 """
 
 from tasks import routing
-from tasks.connections import ssl_options
+from tasks.connections import sentinel_transport_options, ssl_options
+from tasks.replication import replication_options
 from tasks.settings import current_settings
 
 _settings = current_settings()
@@ -67,6 +68,8 @@ result_backend_max_sleep_between_retries_ms = 2000
 # finds Redis down fails after about 5 s instead of 20.
 result_backend_transport_options = {
     "retry_policy": {"max_retries": 5, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
+    # sentinel:// URLs: the master's name and how to reach the sentinels (nothing for redis://)
+    **sentinel_transport_options(_settings),
 }
 
 broker_connection_retry_on_startup = True
@@ -83,6 +86,9 @@ broker_transport_options = {
     "socket_connect_timeout": _settings.socket_connect_timeout,
     "socket_keepalive": True,
     "health_check_interval": _settings.health_check_interval,
+    **sentinel_transport_options(_settings),
+    # every publish of a job waits for this many replicas (tasks/replication.py)
+    **replication_options(_settings.replicas_to_ack, _settings.replica_ack_timeout),
 }
 # The Redis result backend takes its socket options from these redis_* settings, not from
 # result_backend_transport_options.

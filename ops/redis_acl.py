@@ -20,6 +20,10 @@ event and control channels) like every other process, and writes one user per ro
   operator, `python -m tasks.deadletter list|show`): the monitor's rights, plus Celery's control channel and
   its reply lists, the dead letters' contents, and SCRIPT KILL to end a runaway script. No queue writes,
   no results.
+- with sentinel:// URLs (Redis Sentinel), two users for the servers themselves: `kronos-replica`, which a
+  replica authenticates as to its master (`masteruser`: PSYNC, REPLCONF, PING), and `kronos-sentinel`, which
+  the sentinels use on every server (`sentinel auth-user`: the commands Redis's Sentinel documentation lists,
+  from INFO and ROLE to REPLICAOF, CONFIG REWRITE and CLIENT KILL). Neither reads or writes a key.
 
 Passwords never enter the file: each user's is read from `<secrets-dir>/redis-<user>.password` (first line)
 and written as its SHA-256 (`#<hex>`), which Redis compares against. A missing password file is an error.
@@ -48,19 +52,31 @@ WORKER_USER = "kronos-worker"
 MONITOR_USER = "kronos-monitor"
 OPERATOR_USER = "kronos-operator"
 ROLE_USERS = (WORKER_USER, MONITOR_USER, OPERATOR_USER)
+REPLICA_USER = "kronos-replica"
+SENTINEL_USER = "kronos-sentinel"
+SERVER_USERS = (REPLICA_USER, SENTINEL_USER)
+# A replica's link to its master, and what a sentinel sends to watch, promote and reconfigure servers
+# (Redis's documentation: "Redis Sentinel: Redis access control list authentication").
+SERVER_RULES = {
+    REPLICA_USER: "resetkeys resetchannels -@all +psync +replconf +ping",
+    SENTINEL_USER: (
+        "resetkeys allchannels -@all +multi +exec +ping +subscribe +publish +info +role +slaveof +replicaof "
+        "+config|rewrite +client|setname +client|kill +script|kill"
+    ),
+}
 
 # Every client: authenticate, pick the DB (broker 0, results 1), pipelines, and what clients send on connect
 # (redis-py's CLIENT SETINFO exists from Redis 7.2 and may be refused: redis-py ignores that).
 CONNECTION = "+ping +hello +auth +select +multi +exec +discard +client|setname +client|id"
 
-PRODUCER_COMMANDS = "+get +mget +set +exists +del +subscribe +unsubscribe +hgetall"
+PRODUCER_COMMANDS = "+get +mget +set +exists +del +subscribe +unsubscribe +hgetall +wait"
 PRODUCER_QUEUE_COMMANDS = "+lpush +llen"
 
 WORKER_COMMANDS = (
     "+brpop +blpop +rpop +lpush +rpush +llen +lrange +lrem +ltrim +del +exists +expire +pexpire +ttl +get +mget +set "
     "+setex +hset +hget +hmget +hdel +hgetall +hexists +hincrby +sadd +srem +smembers +sismember +zadd +zrem +zrange "
-    "+zrangebyscore +zrevrangebyscore +watch +unwatch +publish +subscribe +unsubscribe +psubscribe +punsubscribe +time "
-    "+eval +evalsha +script|load +script|exists +info"
+    "+zrangebyscore +zrevrangebyscore +zcard +watch +unwatch +publish +subscribe +unsubscribe +psubscribe "
+    "+punsubscribe +time +wait +eval +evalsha +script|load +script|exists +info"
 )
 # Depths (LLEN) and the heartbeats' hash: never a list's contents, which are jobs' payloads.
 MONITOR_COMMANDS = "+llen +hgetall +subscribe +unsubscribe +psubscribe +punsubscribe +info"
@@ -76,7 +92,7 @@ def password_hash(password: str) -> str:
 
 
 def _broker_db(settings: KronosSettings) -> int:
-    path = urlsplit(settings.broker_url).path.strip("/")
+    path = urlsplit(settings.broker_url.split(";")[0]).path.strip("/")
     return int(path) if path.isdigit() else 0
 
 
@@ -137,11 +153,11 @@ def operator_rules(settings: KronosSettings) -> str:
 
 
 def users(settings: KronosSettings) -> list[str]:
-    """Every ACL user this deployment needs: the roles and one per producer."""
-    clash = sorted(set(settings.producers) & {*ROLE_USERS, "default"})
+    """Every ACL user this deployment needs: the roles, one per producer, and Sentinel's servers' own."""
+    clash = sorted(set(settings.producers) & {*ROLE_USERS, *SERVER_USERS, "default"})
     if clash:
         raise SettingsError(f"KRONOS_PRODUCERS: {', '.join(clash)} is reserved for a role; rename the producer")
-    return [*ROLE_USERS, *settings.producers]
+    return [*ROLE_USERS, *settings.producers, *(SERVER_USERS if settings.uses_sentinel else ())]
 
 
 def render(settings: KronosSettings, hashes: Mapping[str, str]) -> str:
@@ -149,6 +165,7 @@ def render(settings: KronosSettings, hashes: Mapping[str, str]) -> str:
     rules = {WORKER_USER: worker_rules(settings), MONITOR_USER: monitor_rules(settings)}
     rules[OPERATOR_USER] = operator_rules(settings)
     rules |= {producer: producer_rules(producer, settings) for producer in settings.producers}
+    rules |= SERVER_RULES
     lines = [
         "user default off resetkeys resetchannels -@all",
         *(f"user {user} on {hashes[user]} {rules[user]}" for user in users(settings)),

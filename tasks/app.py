@@ -22,6 +22,7 @@ current_settings()
 # (worker/app.py: broker_transport, which wins over the URL's scheme). An alias rather than broker_transport
 # here, so the URL scheme stays redis(s)://, which Flower's broker page needs.
 TRANSPORT_ALIASES.update(dict.fromkeys(("redis", "rediss"), "tasks.monitor_transport:Transport"))
+TRANSPORT_ALIASES["sentinel"] = "tasks.monitor_transport:SentinelTransport"
 
 # Flower reads its configuration file from its working directory unless told otherwise: started anywhere else,
 # it would skip flowerconfig.py, which refuses to start without authentication, and serve every page to anyone.

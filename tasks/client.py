@@ -60,9 +60,10 @@ from schemas import (
 )
 from schemas.candles import TIMESTAMP_COLUMNS
 from schemas.error_translation import job_error_from_validation
-from tasks.connections import redis_client, ssl_options
+from tasks.connections import redis_client, sentinel_transport_options, ssl_options
 from tasks.keys import JOB_RECORD_PREFIX, RESULT_KEY_PREFIX
 from tasks.producer import submit as send_job
+from tasks.replication import NotReplicated, replication_options
 from tasks.routing import (
     PRIORITY_STEPS,
     ForecastRouter,
@@ -140,9 +141,26 @@ class JobTimeout(KronosClientError, TimeoutError):
 
 
 class RedisUnavailable(KronosClientError, ConnectionError):
+    """Redis did not answer (down, restarting, failing over). Retryable: a submit that raises this sent nothing
+    that could run twice harmfully, and sending it again with the same job id is safe."""
+
+    retryable = True
+
     def __init__(self, url: str, reason: str, variable: str):
         self.url = redact(url)
         super().__init__(f"cannot reach Redis at {self.url}: {reason}; is it running? set {variable}")
+
+
+class JobNotAccepted(KronosClientError, ConnectionError):
+    """The job reached the Redis master, but fewer replicas than KRONOS_REPLICAS_TO_ACK confirmed it in time, so
+    a failover could lose it (tasks/replication.py). Retryable: submit again with the same job_id; the job runs
+    once and has one answer however many copies arrive."""
+
+    retryable = True
+
+    def __init__(self, job_id: str, reason: str):
+        self.job_id = job_id
+        super().__init__(f"job {job_id} not accepted: {reason}; submit it again with job_id={job_id!r}")
 
 
 class CandleDataError(KronosClientError, ValueError):
@@ -211,6 +229,15 @@ class KronosClient:
             task_routes=(ForecastRouter(self.settings),),
             broker_use_ssl=ssl_options(self.settings, self.settings.broker_url),
             redis_backend_use_ssl=ssl_options(self.settings, self.settings.result_backend),
+            broker_transport_options={
+                **self.app.conf.broker_transport_options,
+                **sentinel_transport_options(self.settings),
+                **replication_options(self.settings.replicas_to_ack, self.settings.replica_ack_timeout),
+            },
+            result_backend_transport_options={
+                **self.app.conf.result_backend_transport_options,
+                **sentinel_transport_options(self.settings),
+            },
         )
         self.results = _redis_client(self.settings.result_backend, self.settings)
         self.broker = _redis_client(self.settings.broker_url, self.settings)
@@ -338,10 +365,12 @@ class KronosClient:
         try:
             with self._reaching(self.settings.broker_url, "KRONOS_BROKER_URL"):
                 send_job(request, celery_app=self.app, settings=self.settings)
-        except Exception:
-            # Nothing was queued: let a retry with the same id send it.
+        except Exception as exc:
+            # Nothing was queued, or nothing that will surely stay queued: let a retry with the same id send it.
             with self._reaching_results():
                 self.results.delete(JOB_RECORD_PREFIX + job_id)
+            if isinstance(exc, NotReplicated):
+                raise JobNotAccepted(job_id, str(exc)) from None
             raise
         return ForecastJob(self, job_id)
 
@@ -357,8 +386,17 @@ class KronosClient:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError, KombuOperationalError) as exc:
+            if (not_replicated := _not_replicated(exc)) is not None:  # Redis answered: the caller says what it means
+                raise not_replicated from None
             reason = str(exc).strip().rstrip(".") or type(exc).__name__
             raise RedisUnavailable(url, reason, variable) from None
+
+
+def _not_replicated(exc: BaseException | None) -> NotReplicated | None:
+    """The NotReplicated behind `exc` (Celery re-raises a publish's connection error as kombu's OperationalError)."""
+    while exc is not None and not isinstance(exc, NotReplicated):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def _recorded_digest(record: bytes | None) -> str | None:

@@ -1,18 +1,26 @@
-"""Connections to Redis with the deployment's TLS settings (torch-free: producers import this).
+"""Connections to Redis with the deployment's TLS and Sentinel settings (torch-free: producers import this).
 
 Every Redis connection the project opens goes through here or through Celery configured from here
 (celeryconfig.py), so a rediss:// URL always means a verified server and, when KRONOS_REDIS_TLS_CERT_FILE
 and KRONOS_REDIS_TLS_KEY_FILE are set, a client certificate. Left to itself, kombu treats a rediss:// URL
 without options as "encrypt but trust any certificate".
+
+Sentinel. With sentinel:// URLs (KRONOS_SENTINEL_MASTER naming the master) a client asks the sentinels where
+the master is, and asks again when a connection to it fails or meets a read-only replica (redis-py turns
+READONLY on a master connection into a ConnectionError): after a failover every client reaches the new master
+on its next command. Celery and kombu are given the same through their transport options.
 """
 
 import ssl
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.sentinel import Sentinel
 
-from tasks.settings import KronosSettings
+from tasks.settings import SENTINEL_SEPARATOR, KronosSettings, is_sentinel_url
+
+SENTINEL_PORT = 26379
 
 
 def ssl_options(settings: KronosSettings, url: str | None = None) -> dict[str, Any] | None:
@@ -35,5 +43,35 @@ def ssl_options(settings: KronosSettings, url: str | None = None) -> dict[str, A
 
 
 def redis_client(url: str, settings: KronosSettings, **kwargs: Any) -> redis.Redis:
-    """A redis-py client on `url` with the deployment's TLS options; `kwargs` go to redis.Redis.from_url."""
-    return redis.Redis.from_url(url, **(ssl_options(settings, url) or {}), **kwargs)
+    """A redis-py client on `url` with the deployment's TLS options, or on the master the sentinels name for
+    a sentinel:// URL; `kwargs` go to redis.Redis.from_url (the master's connections for Sentinel)."""
+    if not is_sentinel_url(url):
+        return redis.Redis.from_url(url, **(ssl_options(settings, url) or {}), **kwargs)
+    parts = [urlsplit(part) for part in url.split(SENTINEL_SEPARATOR)]
+    first = parts[0]
+    master = {
+        "db": int(first.path.strip("/") or 0),
+        "username": unquote(first.username) if first.username else None,
+        "password": unquote(first.password) if first.password else None,
+        **kwargs,
+    }
+    sentinels = Sentinel(
+        [(part.hostname, part.port or SENTINEL_PORT) for part in parts],
+        sentinel_kwargs=sentinel_kwargs(settings, kwargs),
+    )
+    return sentinels.master_for(settings.sentinel_master, **master)
+
+
+def sentinel_kwargs(settings: KronosSettings, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How to talk to the sentinels themselves: their password, and the socket timeouts of the master's."""
+    timeouts = {"socket_timeout": settings.socket_timeout, "socket_connect_timeout": settings.socket_connect_timeout}
+    timeouts.update({key: value for key, value in (kwargs or {}).items() if key in timeouts})
+    return {**timeouts, **({"password": settings.sentinel_password} if settings.sentinel_password else {})}
+
+
+def sentinel_transport_options(settings: KronosSettings) -> dict[str, Any]:
+    """What kombu's Sentinel channel and Celery's Sentinel result backend need on top of their usual options
+    (nothing for redis:// URLs)."""
+    if not settings.uses_sentinel:
+        return {}
+    return {"master_name": settings.sentinel_master, "sentinel_kwargs": sentinel_kwargs(settings)}

@@ -5,9 +5,14 @@ celery-task-meta-<id>   its state and answer: Celery's result document, written 
 kronos:job:<id>         the Python client's record of a submitted job: series, model, request digest
 kronos:claim:<id>       the worker run that holds the job (owner and lease), its digest, runs, final state
 kronos:conflict:<id>    why a request sent under an id that names another request was refused (a JobError)
+
+And one in the broker DB that holds jobs of every queue:
+
+kronos:delayed          jobs whose eta is still ahead, until they are due (worker/delayed.py)
 """
 
 RESULT_KEY_PREFIX = "celery-task-meta-"
 JOB_RECORD_PREFIX = "kronos:job:"
 CLAIM_KEY_PREFIX = "kronos:claim:"
 CONFLICT_KEY_PREFIX = "kronos:conflict:"
+DELAYED_KEY = "kronos:delayed"

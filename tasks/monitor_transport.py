@@ -10,6 +10,9 @@ back onto any queue: rights the `kronos-monitor` and `kronos-operator` Redis use
 kombu also keeps an expiring queue's binding alive, and sweeps overdue binding tables, with Lua scripts. A
 running script holds every other Redis client off, so only the worker's user may load or run one: here the
 binding is refreshed with plain commands, and the sweep of binding tables is left to the workers as well.
+
+A producer's publish waits for replicas when the deployment asks for it (tasks/replication.py), and with
+sentinel:// URLs the same channel finds the master through the sentinels (SentinelTransport).
 tasks/app.py selects this transport; worker/app.py gives the workers their own.
 """
 
@@ -17,14 +20,17 @@ import time
 
 from kombu.transport import redis
 
+from tasks.replication import REPLICATION_OPTIONS, ChannelWaitsForReplicas
+
 
 class QoS(redis.QoS):
     def restore_visible(self, start=0, num=10, interval=10):
         """Left to the workers, which all sweep the same Redis."""
 
 
-class Channel(redis.Channel):
+class Channel(ChannelWaitsForReplicas, redis.Channel):
     QoS = QoS
+    from_transport_options = redis.Channel.from_transport_options + REPLICATION_OPTIONS
 
     @property
     def _refresh_binding(self):
@@ -47,3 +53,12 @@ def _refresh_binding_without_script(keys, args, client):
 
 class Transport(redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, redis.SentinelChannel):
+    from_transport_options = redis.SentinelChannel.from_transport_options + REPLICATION_OPTIONS
+
+
+class SentinelTransport(Transport):
+    default_port = redis.SentinelTransport.default_port
+    Channel = SentinelChannel

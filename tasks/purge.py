@@ -1,4 +1,4 @@
-"""Purge: take every queued job off its queues and answer each with PURGED, in one go.
+"""Purge: take every queued job (delayed ones too) off its queues and answer each with PURGED, in one go.
 
     kronos-worker purge --yes [--model MODEL ...] [--json]
 
@@ -17,16 +17,25 @@ import redis
 
 from schemas import ErrorCode, JobError
 from tasks.client import priority_list
-from tasks.keys import CLAIM_KEY_PREFIX, RESULT_KEY_PREFIX
+from tasks.keys import CLAIM_KEY_PREFIX, DELAYED_KEY, RESULT_KEY_PREFIX
 from tasks.outcomes import WRITE_STATE
 from tasks.routing import PRIORITY_STEPS
 
-# KEYS: every list to empty. Returns their items. One script, so no worker pops a message in between.
+# KEYS: every list to empty; ARGV: the delayed set, whose members "<list>\n<message>" (worker/delayed.py) of
+# those lists are taken too. Returns their items. One script, so no worker pops or releases one in between.
 TAKE_ALL = """
-local items = {}
+local items, lists = {}, {}
 for _, key in ipairs(KEYS) do
+  lists[key] = true
   for _, item in ipairs(redis.call('LRANGE', key, 0, -1)) do table.insert(items, item) end
   redis.call('DEL', key)
+end
+for _, member in ipairs(redis.call('ZRANGE', ARGV[1], 0, -1)) do
+  local split = string.find(member, '\\n', 1, true)
+  if split and lists[string.sub(member, 1, split - 1)] then
+    table.insert(items, string.sub(member, split + 1))
+    redis.call('ZREM', ARGV[1], member)
+  end
 end
 return items
 """
@@ -35,7 +44,7 @@ return items
 def purge(broker: redis.Redis, results: redis.Redis, queues: Iterable[str], expires: int) -> list[str]:
     """Empty `queues` (every priority list) and answer each job found with PURGED; returns their ids."""
     keys = [priority_list(queue, priority) for queue in queues for priority in PRIORITY_STEPS]
-    items = broker.eval(TAKE_ALL, len(keys), *keys)
+    items = broker.eval(TAKE_ALL, len(keys), *keys, DELAYED_KEY)
     write_state = results.register_script(WRITE_STATE)
     purged = []
     for item in items:

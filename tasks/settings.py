@@ -25,7 +25,11 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # so that one producer's key patterns can never match another's ("a" vs "a.b").
 PRODUCER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # Our transport options (visibility timeout, priority steps, socket timeouts) are kombu-Redis specific.
-_REDIS_SCHEMES = ("redis", "rediss")
+# sentinel:// is Celery's and kombu's form for Redis Sentinel: "sentinel://host:26379/0;sentinel://host2:26379/0",
+# one URL per sentinel, the master's name in KRONOS_SENTINEL_MASTER (tasks/connections.py).
+_REDIS_SCHEMES = ("redis", "rediss", "sentinel")
+SENTINEL_SCHEME = "sentinel"
+SENTINEL_SEPARATOR = ";"
 
 
 class SettingsError(ValueError):
@@ -53,6 +57,16 @@ class KronosSettings:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # Redis Sentinel: the monitored master's name, and the sentinels' own password (None: they need none)
+    sentinel_master: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    # Writes that must survive a failover (a job accepted, an answer stored) wait for this many replicas
+    replicas_to_ack: int = 0
+    replica_ack_timeout: float = 2.0
+
+    @property
+    def uses_sentinel(self) -> bool:
+        return is_sentinel_url(self.broker_url)
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
@@ -86,6 +100,15 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
         )
     if bool(tls_files["cert"]) != bool(tls_files["key"]):
         raise SettingsError("KRONOS_REDIS_TLS_CERT_FILE and KRONOS_REDIS_TLS_KEY_FILE go together: set both or neither")
+    sentinel_master = env_name(environ, "KRONOS_SENTINEL_MASTER", "") or None
+    if is_sentinel_url(broker_url) != is_sentinel_url(result_backend):
+        raise SettingsError(
+            "KRONOS_BROKER_URL and KRONOS_RESULT_BACKEND must both be sentinel:// URLs or both redis(s):// URLs"
+        )
+    if is_sentinel_url(broker_url) and sentinel_master is None:
+        raise SettingsError("KRONOS_SENTINEL_MASTER must name the master the sentinels monitor (sentinel:// URLs)")
+    if is_sentinel_url(broker_url) and any(tls_files.values()):
+        raise SettingsError("TLS to Redis through Sentinel is not supported yet: unset KRONOS_REDIS_TLS_*_FILE")
     return KronosSettings(
         broker_url=broker_url,
         result_backend=result_backend,
@@ -105,6 +128,10 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
         tls_ca_file=tls_files["ca"],
         tls_cert_file=tls_files["cert"],
         tls_key_file=tls_files["key"],
+        sentinel_master=sentinel_master,
+        sentinel_password=env_secret_file(environ, "KRONOS_SENTINEL_PASSWORD_FILE"),
+        replicas_to_ack=env_count(environ, "KRONOS_REPLICAS_TO_ACK", 0),
+        replica_ack_timeout=env_positive_seconds(environ, "KRONOS_REPLICA_ACK_TIMEOUT", 2.0),
     )
 
 
@@ -126,6 +153,15 @@ def env_whole_number(environ: Mapping[str, str], variable: str, default: int, *,
         return default
     if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise SettingsError(f"{variable} must be a whole number{unit} >= 1, got {raw!r}")
+    return int(raw)
+
+
+def env_count(environ: Mapping[str, str], variable: str, default: int) -> int:
+    raw = env_raw(environ, variable)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise SettingsError(f"{variable} must be a whole number >= 0, got {raw!r}")
     return int(raw)
 
 
@@ -219,7 +255,22 @@ def env_redis_url(environ: Mapping[str, str], variable: str, default: str) -> st
         raise SettingsError(
             f"{variable} must be a {' or '.join(s + '://' for s in _REDIS_SCHEMES)} URL, got scheme {scheme!r}"
         )
+    if scheme == SENTINEL_SCHEME:
+        parts = raw.split(SENTINEL_SEPARATOR)
+        if any(urlsplit(part).scheme != SENTINEL_SCHEME or not urlsplit(part).hostname for part in parts):
+            raise SettingsError(f"{variable}: every part of a Sentinel URL is sentinel://host:port[/db], ';'-separated")
     return raw
+
+
+def is_sentinel_url(redis_url: str) -> bool:
+    return urlsplit(redis_url).scheme == SENTINEL_SCHEME
+
+
+def _each_url(redis_url: str, change) -> str:
+    """`change` applied to each sentinel of a sentinel:// URL list, or to the one URL."""
+    if not is_sentinel_url(redis_url):
+        return change(redis_url)
+    return SENTINEL_SEPARATOR.join(change(part) for part in redis_url.split(SENTINEL_SEPARATOR))
 
 
 def _is_tls(redis_url: str) -> bool:
@@ -227,6 +278,10 @@ def _is_tls(redis_url: str) -> bool:
 
 
 def _with_password(redis_url: str, password: str, variable: str) -> str:
+    return _each_url(redis_url, lambda url: _one_with_password(url, password, variable))
+
+
+def _one_with_password(redis_url: str, password: str, variable: str) -> str:
     parts = urlsplit(redis_url)
     if parts.password:
         raise SettingsError(f"{variable} carries a password and KRONOS_REDIS_PASSWORD_FILE is set: keep one")
@@ -239,5 +294,4 @@ def _with_password(redis_url: str, password: str, variable: str) -> str:
 
 
 def _with_db(redis_url: str, db: int) -> str:
-    parts = urlsplit(redis_url)
-    return urlunsplit(parts._replace(path=f"/{db}"))
+    return _each_url(redis_url, lambda url: urlunsplit(urlsplit(url)._replace(path=f"/{db}")))

@@ -11,11 +11,13 @@ import base64
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_security_acl import (  # noqa: F401 - module fixtures: one server and one worker for this module
+    MAX_PAYLOAD_BYTES,
     MODEL,
     acl_env,
     acl_file,
@@ -36,6 +38,7 @@ from test_security_acl import (  # noqa: F401 - module fixtures: one server and 
 )
 
 from schemas import ErrorCode, ForecastRequest, JobFailed
+from tasks.keys import DELAYED_KEY
 from worker.transport import POISON_KEY
 
 pytestmark = pytest.mark.integration
@@ -179,6 +182,67 @@ def test_a_huge_item_is_never_decoded_whole(server, secrets, clients, admin, wor
     wait_for(lambda: admin.llen(f"{queue_of('alpha')}\x06\x165") == 0, what="the item to be taken")
     assert len(admin.lindex(POISON_KEY, 0) or "") <= 4096
     assert rss_kib(worker.process.pid) - rss_before < 50 * 1024
+
+
+def test_an_item_reusing_a_delivery_tag_in_flight_cannot_replace_its_record(server, secrets, clients, admin, worker):
+    """The unacknowledged record is what brings a job back after a worker dies: a producer that learns another's
+    delivery tag must not be able to overwrite it (and the ack of its own message then delete it)."""
+    tag = str(uuid.uuid4())
+    record = json.dumps([{"properties": {"delivery_tag": tag}}, queue_of("beta"), queue_of("beta")])
+    admin.hset("unacked", tag, record)
+    try:
+        envelope = raw_envelope(f"alpha:{uuid.uuid4()}", json.dumps([[request_document()], {}, {}]))
+        envelope["properties"]["delivery_tag"] = tag
+        before = admin.llen(POISON_KEY)
+        push(server, secrets, "alpha", json.dumps(envelope))
+        wait_for(lambda: admin.llen(f"{queue_of('alpha')}\x06\x165") == 0, what="the item to be taken")
+        alive_and_serving(clients, worker)
+        stored = admin.hget("unacked", tag)
+        assert (stored.decode() if isinstance(stored, bytes) else stored) == record
+        assert admin.llen(POISON_KEY) == before + 1
+    finally:
+        admin.hdel("unacked", tag)
+
+
+def in_seconds(seconds: float) -> str:
+    return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat()
+
+
+def test_jobs_with_an_eta_wait_in_redis_not_in_the_worker(server, secrets, clients, admin, worker, metrics_port):
+    """Delayed jobs cost the worker nothing however many a producer sends: they wait in Redis's delayed set."""
+    rss_before = rss_kib(worker.process.pid)
+    padding = "x" * (MAX_PAYLOAD_BYTES * 2)  # within the byte cap; the request is refused only when it runs
+    body = json.dumps([[{"series_id": padding}], {}, {}])
+    items = [
+        json.dumps(raw_envelope(f"alpha:held-{i}-{uuid.uuid4()}", body, headers={"eta": in_seconds(600)}))
+        for i in range(250)
+    ]
+    assert sum(map(len, items)) > 50_000_000
+    try:
+        push(server, secrets, "alpha", *items)
+        wait_for(lambda: admin.zcard(DELAYED_KEY) == len(items), timeout=60, what="every delayed job parked")
+        assert admin.llen(f"{queue_of('alpha')}\x06\x165") == 0 and admin.hlen("unacked") == 0
+        alive_and_serving(clients, worker)
+        assert rss_kib(worker.process.pid) - rss_before < 30 * 1024
+        gauge = [line for line in scrape(metrics_port).splitlines() if line.startswith("kronos_delayed_jobs ")]
+        assert gauge and float(gauge[0].split()[1]) == len(items), gauge
+    finally:
+        admin.delete(DELAYED_KEY)
+
+
+def test_a_delayed_job_runs_when_due_and_not_before(server, secrets, admin, admin_results, worker):
+    job_id = f"alpha:later-{uuid.uuid4()}"
+    due = time.time() + 4
+    body = json.dumps([[request_document("later")], {}, {}])
+    push(server, secrets, "alpha", json.dumps(raw_envelope(job_id, body, headers={"eta": in_seconds(4)})))
+    wait_for(lambda: admin.zcard(DELAYED_KEY) == 1, what="the job parked")
+    key = f"celery-task-meta-{job_id}"
+    wait_for(lambda: json.loads(admin_results.get(key) or "{}").get("status") == "SUCCESS", timeout=60,
+             what="the delayed job's answer")  # fmt: skip
+    stored = json.loads(admin_results.get(key))
+    assert len(stored["result"]["forecast"]["close"]) == 4
+    assert datetime.fromisoformat(stored["date_done"]).timestamp() >= due, stored["date_done"]
+    assert admin.zcard(DELAYED_KEY) == 0 and admin.hlen("unacked") == 0
 
 
 def test_non_finite_numbers_and_odd_ids_end_as_refusals_not_internal_errors(

@@ -29,6 +29,13 @@ CONTRACT = [
     (redis.Transport, "_deliver", ["self", "message", "queue"]),
     (redis.Transport, "register_with_event_loop", ["self", "connection", "loop"]),
     (redis.Channel, "_queue_cycle", None),
+    # tasks/replication.py: a job's push and its WAIT on one connection
+    (redis.Channel, "_put", ["self", "queue", "message", "kwargs"]),
+    (redis.Channel, "_get_message_priority", ["self", "message", "reverse"]),
+    (redis.Channel, "_expires", None),
+    # sentinel:// URLs: kombu's Sentinel channel builds the pools under ours
+    (redis.SentinelChannel, "from_transport_options", None),
+    (redis.SentinelChannel, "_sentinel_managed_pool", ["self", "asynchronous"]),
 ]
 
 

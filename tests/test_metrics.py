@@ -202,8 +202,10 @@ def test_queue_depth_counts_every_priority_step_and_survives_redis_down():
             producer.send_task("kronos.forecast", args=[{}], queue=QUEUE, priority=priority)
         producer.close()
         collector = QueueDepthCollector(client, [QUEUE, "kronos.kronos-base"], PRIORITY_STEPS)
-        (family,) = collector.collect()
+        client.zadd("kronos:delayed", {"a": 1, "b": 2})  # two jobs waiting for their eta (worker/delayed.py)
+        family, delayed = collector.collect()
         assert {s.labels["queue"]: s.value for s in family.samples} == {QUEUE: 4, "kronos.kronos-base": 0}
+        assert (delayed.name, [s.value for s in delayed.samples]) == ("kronos_delayed_jobs", [2])
         assert len(client.keys(f"{QUEUE}*")) == 3
         own.stop()
         assert list(collector.collect()) == []  # no sample, and no exception that would fail the whole scrape

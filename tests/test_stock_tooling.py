@@ -5,6 +5,7 @@ the worker's transport as Celery expects, and nothing lands in the poison list."
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 
 import kronos_cases as kc
@@ -14,6 +15,7 @@ from redis_server import RedisServer, free_port
 from worker_process import REPO_ROOT, WorkerProcess, producer_app, serving_env
 
 from schemas import ErrorCode, ForecastRequest
+from tasks.keys import DELAYED_KEY
 from tasks.routing import FORECAST_TASK
 from worker.transport import POISON_KEY
 
@@ -125,3 +127,24 @@ def test_purge_takes_queued_jobs_off_and_their_ids_say_so(tmp_path):
             assert json.loads(shown.stdout)["error"]["code"] == "PURGED", shown.stdout
             status = client.job(jobs[1].id).poll()
             assert status.finished and status.error.code == ErrorCode.PURGED
+
+
+def test_purge_takes_delayed_jobs_too():
+    """Jobs with a countdown wait in Redis's delayed set once a worker has fetched them; purge answers them too."""
+    with RedisServer() as server:
+        env = serving_env(server)
+        from tasks.client import KronosClient
+
+        with KronosClient(server.url(0), server.url(1)) as client, WorkerProcess(env, name="parking"):
+            later = [client.app.send_task(FORECAST_TASK, args=[request(seed)], countdown=600).id for seed in range(2)]
+            broker = client.broker
+            deadline = time.monotonic() + 60
+            while broker.zcard(DELAYED_KEY) < 2:
+                assert time.monotonic() < deadline, "the worker did not park the delayed jobs"
+                time.sleep(0.1)
+            purged = subprocess.run([sys.executable, "-m", "tasks.cli", "purge", "--yes", "--json"], cwd=REPO_ROOT,
+                                    env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert purged.returncode == 0, purged.stderr
+            assert sorted(json.loads(purged.stdout)["purged"]) == sorted(later)
+            assert broker.zcard(DELAYED_KEY) == 0
+            assert client.job(later[0]).poll().error.code == ErrorCode.PURGED

@@ -40,10 +40,13 @@ settings = current_worker_settings()
 app.conf.worker_pool = "threads"
 app.conf.worker_concurrency = settings.concurrency
 # Survive junk pushed onto the queue, and answer undecodable jobs instead of dropping them silently.
-app.conf.broker_transport = "worker.transport:Transport"
+app.conf.broker_transport = (
+    "worker.transport:SentinelTransport" if current_settings().uses_sentinel else "worker.transport:Transport"
+)
 app.conf.worker_consumer = "worker.consumer:Consumer"
 # Every state a worker stores goes through a compare-and-set that never replaces a final answer.
-app.conf.result_backend = f"worker.results:ResultBackend+{current_settings().result_backend}"
+_backend = "SentinelResultBackend" if current_settings().uses_sentinel else "ResultBackend"
+app.conf.result_backend = f"worker.results:{_backend}+{current_settings().result_backend}"
 if settings.log_format == "json":
     signals.after_setup_logger.connect(logs.use_json_lines)
     signals.after_setup_task_logger.connect(logs.use_json_lines)

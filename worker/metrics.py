@@ -28,6 +28,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from schemas import ErrorCode, ForecastResult, JobError
+from tasks.keys import DELAYED_KEY
 from worker.batching import BatchRun
 from worker.jobs import JobObserver
 from worker.memory import AdaptiveBatchLimit
@@ -40,6 +41,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 PHASES = ("queue_wait", "preprocess", "batch_wait", "inference", "total")
 # The Redis transport separates a queue's name from its priority step with this (kombu.transport.redis).
 PRIORITY_SEPARATOR = "\x06\x16"
+DELAYED_HELP = "Jobs whose eta is still ahead, waiting in Redis (all queues), read at scrape time."
 # cgroup v1 reports "no limit" as a number near 2**63 instead of "max".
 _UNLIMITED = 2**62
 _CGROUP_LIMIT_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
@@ -267,7 +269,8 @@ class QueueDepthCollector:
 
     kombu keeps one Redis list per priority step: `<queue>` for step 0 and `<queue>\\x06\\x16<p>` for the
     others, so a plain LLEN of the queue's name misses every job sent with a priority (the router's default
-    is 5). Jobs a worker has fetched but not acknowledged are not in these lists.
+    is 5). Jobs a worker has fetched but not acknowledged are not in these lists. Beside it, `kronos_delayed_jobs`:
+    jobs whose eta is still ahead, waiting in Redis's delayed set (worker/delayed.py), every queue's together.
     """
 
     def __init__(self, client: redis.Redis, queues: Sequence[str], priority_steps: Sequence[int]):
@@ -277,6 +280,7 @@ class QueueDepthCollector:
 
     def describe(self):
         yield GaugeMetricFamily("kronos_queue_depth", self._help(), labels=["queue"])
+        yield GaugeMetricFamily("kronos_delayed_jobs", DELAYED_HELP)
 
     def collect(self):
         keys = [[queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in self.priority_steps]
@@ -285,7 +289,9 @@ class QueueDepthCollector:
             with self.client.pipeline(transaction=False) as pipe:
                 for key in (key for queue_keys in keys for key in queue_keys):
                     pipe.llen(key)
-                lengths = iter(pipe.execute())
+                pipe.zcard(DELAYED_KEY)
+                *depths, delayed = pipe.execute()
+                lengths = iter(depths)
         except redis.RedisError as exc:
             # No sample rather than a failed scrape: the other metrics of this process are still good.
             log.warning("queue depth not read: %r", exc)
@@ -294,6 +300,7 @@ class QueueDepthCollector:
         for queue, queue_keys in zip(self.queues, keys, strict=True):
             family.add_metric([queue], sum(next(lengths) for _ in queue_keys))
         yield family
+        yield GaugeMetricFamily("kronos_delayed_jobs", DELAYED_HELP, value=delayed)
 
     @staticmethod
     def _help() -> str:

@@ -23,11 +23,12 @@ import time
 
 import redis
 from celery import states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from kombu.utils.json import dumps
 
 from tasks.keys import CLAIM_KEY_PREFIX
 from tasks.outcomes import WRITE_STATE
+from tasks.replication import NotReplicated, check_acknowledged, wait_command
 from tasks.settings import current_settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ FINAL_STATES = states.READY_STATES  # SUCCESS, FAILURE, REVOKED
 TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 FIRST_RETRY_SECONDS = 0.1
 MAX_RETRY_SECONDS = 2.0
+
 
 class RedisUnreachable(Exception):
     """A write that had to happen could not before its deadline: Redis was unreachable all along."""
@@ -58,6 +60,8 @@ def retry_transient(action, deadline: float, what: str):
 
 
 class ResultBackend(RedisBackend):
+    """The worker's backend on redis:// and rediss:// URLs."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.final_write_seconds = float(current_settings().visibility_timeout)
@@ -98,7 +102,26 @@ class ResultBackend(RedisBackend):
 
     def _write_final(self, task_id: str, document: str, state: str, deadline: float | None) -> None:
         deadline = deadline if deadline is not None else time.monotonic() + self.final_write_seconds
-        retry_transient(lambda: self.write_state(task_id, document, state), deadline, f"job {task_id}: storing {state}")
+        what = f"job {task_id}: storing {state}"
+        retry_transient(lambda: self._write_final_once(task_id, document, state, what), deadline, what)
+
+    def _write_final_once(self, task_id: str, document: str, state: str, what: str) -> None:
+        """The compare-and-set, and with KRONOS_REPLICAS_TO_ACK the WAIT for replicas on the same connection
+        (tasks/replication.py). Replicas that do not confirm are logged, not waited for longer: the answer is
+        on the master, and if a failover loses it the job's message comes back (its ack is later still) and
+        the job runs again."""
+        shared = current_settings()
+        if not shared.replicas_to_ack:
+            self.write_state(task_id, document, state)
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            self.write_state(task_id, document, state, client=pipe)
+            pipe.execute_command(*wait_command(shared.replicas_to_ack, shared.replica_ack_timeout))
+            _, acknowledged = pipe.execute()
+        try:
+            check_acknowledged(acknowledged, shared.replicas_to_ack, shared.replica_ack_timeout, what)
+        except NotReplicated as exc:
+            log.warning("%s", exc)
 
     def write_state(self, task_id: str, document: str, state: str, client=None) -> bool:
         """One compare-and-set of the job's state (one round trip); False when a final answer was there."""
@@ -106,6 +129,11 @@ class ResultBackend(RedisBackend):
         keys = [self.get_key_for_task(task_id), CLAIM_KEY_PREFIX + task_id]
         args = [document, state, int(expires or 0), 1 if state in FINAL_STATES else 0]
         return bool(self._write_state(keys=keys, args=args, client=client or self.client))
+
+
+class SentinelResultBackend(ResultBackend, SentinelBackend):
+    """The same on sentinel:// URLs: Celery's Sentinel backend finds the master (its client asks the sentinels
+    again after a failover), this class's methods write to it."""
 
 
 def _finite_or_null(value):

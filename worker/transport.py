@@ -31,6 +31,9 @@ forecast queue passes worker/admission.py, which builds the message Celery gets 
 needs; a refused one goes to POISON_KEY (and a job id of the producer's own is answered with INVALID_INPUT).
 Items of other queues (Celery's control replies) reach Celery as kombu would read them.
 
+Delays. A forecast whose eta is still ahead is not delivered: it is parked in Redis's delayed set, and the pop
+script puts it back on its list once due (worker/delayed.py), so no worker holds delayed jobs in memory.
+
 Priorities. Each queue's lists are popped in tasks/routing.py's CONSUMPTION_ORDER: 1-4, then the bare list
 (kombu's 0, where every job sent without a priority lands) together with 5, then 6-9.
 
@@ -51,9 +54,11 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from schemas import Limits
+from tasks.keys import DELAYED_KEY
+from tasks.replication import REPLICATION_OPTIONS, ChannelWaitsForReplicas
 from tasks.routing import CONSUMPTION_ORDER, serving_queues
 from tasks.settings import current_settings
-from worker import admission
+from worker import admission, delayed
 from worker.settings import current_worker_settings
 
 log = logging.getLogger(__name__)
@@ -70,14 +75,20 @@ IDLE_SLACK = 0.002
 on_refused: Callable[[str, str, str | None], None] | None = None
 
 # KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, poison list, poison cap,
-# largest item in bytes, then the queue of each key. The entry is what kombu's QoS.append writes, [raw message,
+# largest item in bytes, the delayed set, then the queue of each key. First the delayed jobs that are due go
+# back onto their lists (worker/delayed.py). The entry is what kombu's QoS.append writes, [raw message,
 # exchange, routing key], with the queue popped from as both exchange and routing key (each queue has a direct
 # exchange of its own name), and the raw JSON kept byte for byte (decoding and re-encoding in Lua would turn
 # empty lists into objects). An item that cannot be recorded so (not JSON, no properties, a delivery tag that
-# is not a non-empty string) is never delivered: a worker that died holding it would lose it. Nor is an item
-# larger than the limit decoded at all (cjson would hold Redis, and the worker its copy, for seconds): both go
-# to the poison list here (a large one cut to its first 4 KiB), and the reply says so: {key, false}.
-POP_AND_RECORD = """
+# is not a non-empty string) is never delivered: a worker that died holding it would lose it; nor is one whose
+# tag is already in flight (its record would replace another message's: a producer could aim that at another's
+# job). Nor is an item larger than the limit decoded at all (cjson would hold Redis, and the worker its copy,
+# for seconds): all go to the poison list here (a large one cut to its first 4 KiB), and the reply says so:
+# {key, false}.
+POP_AND_RECORD = (
+    "local delayed, now = ARGV[7], ARGV[3]\n"
+    + delayed.RELEASE_DUE_LUA
+    + """
 for i, key in ipairs(KEYS) do
   local item = redis.call('RPOP', key)
   if item then
@@ -89,8 +100,8 @@ for i, key in ipairs(KEYS) do
     else
       item = string.sub(item, 1, 4096)
     end
-    if type(tag) == 'string' and tag ~= '' then
-      local queue = cjson.encode(ARGV[6 + i])
+    if type(tag) == 'string' and tag ~= '' and redis.call('HEXISTS', ARGV[1], tag) == 0 then
+      local queue = cjson.encode(ARGV[7 + i])
       redis.call('ZADD', ARGV[2], ARGV[3], tag)
       redis.call('HSET', ARGV[1], tag, '[' .. item .. ',' .. queue .. ',' .. queue .. ']')
       return {key, item, tag}
@@ -102,6 +113,7 @@ for i, key in ipairs(KEYS) do
 end
 return false
 """
+)
 
 
 def _next_round() -> None:
@@ -154,8 +166,9 @@ class QoS(redis.QoS):
         log.warning("broker connection already torn down (%s): %s left to the visibility-timeout sweep", exc, what)
 
 
-class Channel(redis.Channel):
+class Channel(ChannelWaitsForReplicas, redis.Channel):
     QoS = QoS
+    from_transport_options = redis.Channel.from_transport_options + REPLICATION_OPTIONS
     _idle_until = 0.0  # after a pop that found nothing: no pop before this monotonic time
     _pending = "EVAL"
 
@@ -185,6 +198,7 @@ class Channel(redis.Channel):
             POISON_KEY,
             MAX_POISON,
             self._max_message_bytes,
+            DELAYED_KEY,
             *(queue for _, queue in pairs),
         )
 
@@ -203,7 +217,8 @@ class Channel(redis.Channel):
             queue, _, priority = bytes_to_str(key).partition(self.sep)
             self._queue_cycle.rotate(queue)
             if item is None:  # the script kept it in the poison list: too large, or not recordable
-                self._refused(queue, admission.Refused("too large, or without a delivery tag to record it by"))
+                self._refused(queue, admission.Refused("too large, or without a delivery tag to record it by, "
+                                                       "or with the tag of a message in flight"))  # fmt: skip
                 return True
             gate = self._gates.get(queue)
             if gate is None:  # not a forecast queue: Celery's own traffic (control replies), as kombu reads it
@@ -216,11 +231,26 @@ class Channel(redis.Channel):
                 self._forget(bytes_to_str(tag[0]))
                 self._refused(queue, refused)
                 return True
-            self.connection._deliver(message, queue)
+            due = delayed.due_time(message)
+            if due is not None:
+                self._park(message, bytes_to_str(key), bytes_to_str(tag[0]), due)
+            else:
+                self.connection._deliver(message, queue)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _park(self, message: dict, priority_list: str, tag: str, due: float) -> None:
+        """Hand a job whose eta is ahead to the delayed set (worker/delayed.py) instead of holding it here."""
+        member = delayed.parked_member(message, priority_list)
+        try:
+            with self.conn_or_acquire() as client:
+                client.eval(delayed.PARK, 3, DELAYED_KEY, self.unacked_key, self.unacked_index_key,
+                            tag, due, member)  # fmt: skip
+        except Exception:  # still recorded as unacknowledged: the sweep brings it back and it is parked then
+            log.exception("could not park delayed job %s; the visibility-timeout sweep will bring it back",
+                          message["headers"]["id"])  # fmt: skip
 
     def _rest(self) -> None:
         """Pop again only after the poll interval. The wake-up is set here, while the event loop handles this
@@ -332,3 +362,16 @@ class Transport(redis.Transport):
             log.error("dropped an item that is not a message envelope: %s", reason)
         else:
             channel.drop(message, reason)
+
+
+class SentinelChannel(Channel, redis.SentinelChannel):
+    """The same channel on the master the sentinels name (sentinel:// URLs): kombu's Sentinel channel builds
+    its connection pools, and a connection to a demoted master fails (redis-py turns READONLY into a
+    ConnectionError), so the worker reconnects to the new master as after any connection loss."""
+
+    from_transport_options = redis.SentinelChannel.from_transport_options + REPLICATION_OPTIONS
+
+
+class SentinelTransport(Transport):
+    default_port = redis.SentinelTransport.default_port
+    Channel = SentinelChannel

@@ -2,6 +2,8 @@
 # The secret files docker-compose.yml mounts, in ${KRONOS_SECRETS_DIR:-./secrets}, mode 600:
 # - redis-<user>.password, one random password per ACL user (ops/redis_acl.py): kronos-worker, kronos-monitor,
 #   kronos-operator and every producer in KRONOS_PRODUCERS. Hand each producer its own file, nothing else.
+#   With Redis Sentinel (docker-compose.ha.yml) also kronos-replica and kronos-sentinel, the servers' own users,
+#   and redis-sentinel.password, the sentinels' requirepass, which every client of the sentinels needs.
 # - flower-basic-auth: Flower's login, "ops:<random password>" (more user:password lines may be added).
 # - grafana-admin.password: Grafana's admin password.
 # - hf-token: empty (public weights need none); write a Hugging Face token into it for gated or private ones.
@@ -24,7 +26,7 @@ create() {  # create FILE CONTENT: unless FILE exists
 }
 
 IFS=, read -ra producers <<< "$KRONOS_PRODUCERS"
-for user in kronos-worker kronos-monitor kronos-operator "${producers[@]}"; do
+for user in kronos-worker kronos-monitor kronos-operator kronos-replica kronos-sentinel sentinel "${producers[@]}"; do
     user="${user// /}"
     create "$dir/redis-$user.password" "$(random_password)"
 done

@@ -1,6 +1,7 @@
 """Generate the Redis ACL file (users.acl) from the deployment's configuration: least privilege per role.
 
     python ops/redis_acl.py --secrets-dir /run/secrets --out /data/acl/users.acl [--print-users]
+                            [--replication-conf /data/acl/replication.conf]
 
 Reads KRONOS_PRODUCERS, KRONOS_MODELS, KRONOS_QUEUE_PREFIX and KRONOS_BROKER_URL (its DB names the
 event and control channels) like every other process, and writes one user per role:
@@ -24,6 +25,9 @@ event and control channels) like every other process, and writes one user per ro
   replica authenticates as to its master (`masteruser`: PSYNC, REPLCONF, PING), and `kronos-sentinel`, which
   the sentinels use on every server (`sentinel auth-user`: the commands Redis's Sentinel documentation lists,
   from INFO and ROLE to REPLICAOF, CONFIG REWRITE and CLIENT KILL). Neither reads or writes a key.
+  `--replication-conf` writes the Redis config lines (`masteruser`, `masterauth`) every server of such a
+  deployment loads, the master too (after a failover it is a replica); that file holds the replica user's
+  password in clear, as Redis needs it: keep it where only Redis reads it.
 
 Passwords never enter the file: each user's is read from `<secrets-dir>/redis-<user>.password` (first line)
 and written as its SHA-256 (`#<hex>`), which Redis compares against. A missing password file is an error.
@@ -174,17 +178,18 @@ def render(settings: KronosSettings, hashes: Mapping[str, str]) -> str:
 
 
 def read_hashes(user_names: list[str], secrets_dir: Path) -> dict[str, str]:
-    hashes = {}
-    for user in user_names:
-        path = secrets_dir / f"redis-{user}.password"
-        try:
-            lines = path.read_text().strip().splitlines()
-        except OSError as exc:
-            raise SystemExit(f"redis_acl.py: no password for {user}: cannot read {path} ({exc.strerror})") from None
-        if not lines or not lines[0].strip():
-            raise SystemExit(f"redis_acl.py: {path} is empty")
-        hashes[user] = password_hash(lines[0].strip())
-    return hashes
+    return {user: password_hash(read_password(user, secrets_dir)) for user in user_names}
+
+
+def read_password(user: str, secrets_dir: Path) -> str:
+    path = secrets_dir / f"redis-{user}.password"
+    try:
+        lines = path.read_text().strip().splitlines()
+    except OSError as exc:
+        raise SystemExit(f"redis_acl.py: no password for {user}: cannot read {path} ({exc.strerror})") from None
+    if not lines or not lines[0].strip():
+        raise SystemExit(f"redis_acl.py: {path} is empty")
+    return lines[0].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secrets-dir", type=Path, default=Path("/run/secrets"), help="redis-<user>.password files")
     parser.add_argument("--out", type=Path, help="write the ACL file here (default: standard output)")
     parser.add_argument("--print-users", action="store_true", help="list the users whose passwords are needed")
+    parser.add_argument("--replication-conf", type=Path, help="write the servers' masteruser/masterauth lines here")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -209,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         args.out.chmod(0o640)
+    if args.replication_conf is not None:
+        if not settings.uses_sentinel:
+            print("redis_acl.py: --replication-conf needs sentinel:// URLs (KRONOS_BROKER_URL)", file=sys.stderr)
+            return 2
+        password = read_password(REPLICA_USER, args.secrets_dir)
+        args.replication_conf.parent.mkdir(parents=True, exist_ok=True)
+        args.replication_conf.write_text(f"masteruser {REPLICA_USER}\nmasterauth {password}\n")
+        args.replication_conf.chmod(0o640)
     return 0
 
 

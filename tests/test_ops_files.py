@@ -36,6 +36,7 @@ OPS = REPO_ROOT / "ops"
 PROMETHEUS = OPS / "prometheus"
 DASHBOARD = OPS / "grafana" / "dashboards" / "kronos.json"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
+COMPOSE_HA = REPO_ROOT / "docker-compose.ha.yml"
 CONFIGURATION = REPO_ROOT / "docs" / "CONFIGURATION.md"
 PROMTOOL = shutil.which("promtool")
 HADOLINT = shutil.which("hadolint")
@@ -362,9 +363,11 @@ SECRET_NAME = re.compile(
 FILE_SUFFIXES = ("_FILE", "_PATH")  # Grafana's GF_<OPTION>__FILE ends in _FILE too
 
 
-def test_compose_passes_every_secret_as_a_file(compose):
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_HA], ids=lambda path: path.name)
+def test_compose_passes_every_secret_as_a_file(path):
     """`docker inspect` shows a container's environment: a secret goes into a compose secret, and the
     environment names only the file it is mounted as."""
+    compose = yaml.safe_load(path.read_text())
     for name, service in compose["services"].items():
         environment = service.get("environment") or {}
         mounted = {f"/run/secrets/{secret}" for secret in service.get("secrets", [])}
@@ -375,17 +378,19 @@ def test_compose_passes_every_secret_as_a_file(compose):
             # nor one inside another value, such as a password in a URL
             uninterpolated = re.sub(r"\$\{[^}]*\}", "VARIABLE", str(value))  # `${NAME:-default}` has a colon
             assert not re.search(r"://[^/@\s]*:[^/@\s]*@", uninterpolated), f"{name}: {key} has a password in a URL"
-    assert set(compose["secrets"]) >= {
-        "redis-kronos-worker.password", "redis-kronos-monitor.password", "redis-kronos-operator.password",
-        "flower-basic-auth", "grafana-admin.password", "hf-token",
-    }  # fmt: skip
+    if path == COMPOSE:
+        assert set(compose["secrets"]) >= {
+            "redis-kronos-worker.password", "redis-kronos-monitor.password", "redis-kronos-operator.password",
+            "flower-basic-auth", "grafana-admin.password", "hf-token",
+        }  # fmt: skip
 
 
 def test_make_secrets_creates_every_file_compose_mounts(compose, tmp_path):
     env = dict(os.environ, KRONOS_SECRETS_DIR=str(tmp_path), KRONOS_PRODUCERS="reports,backfill")
     made = subprocess.run(["bash", str(OPS / "make-secrets.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
-    files = {Path(secret["file"]).name for secret in compose["secrets"].values()}
+    ha = yaml.safe_load(COMPOSE_HA.read_text())
+    files = {Path(secret["file"]).name for secret in [*compose["secrets"].values(), *ha["secrets"].values()]}
     assert files <= {path.name for path in tmp_path.iterdir()}
     assert all(path.stat().st_mode & 0o077 == 0 for path in tmp_path.iterdir())
     user, _, password = (tmp_path / "flower-basic-auth").read_text().partition(":")
@@ -443,6 +448,128 @@ def test_compose_config_validates_and_demands_secrets():
     assert [secret if isinstance(secret, str) else secret["source"] for secret in flower["secrets"]] == [
         "redis-kronos-operator.password", "flower-basic-auth"
     ]  # fmt: skip
+
+
+# --- docker-compose.ha.yml: Redis Sentinel ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose_ha() -> dict:
+    return yaml.safe_load(COMPOSE_HA.read_text())
+
+
+def test_compose_ha_adds_a_replica_and_three_sentinels_and_moves_every_client_to_them(compose, compose_ha):
+    services = compose_ha["services"]
+    assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    assert set(services) - {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(compose["services"])
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :] == ["redis", "6379"]
+    for server in (services["redis"]["command"], replica):  # the master too: after a failover it replicates
+        assert server[:2] == ["redis-server", "/acl/replication.conf"]
+        assert server[server.index("--aclfile") + 1] == "/acl/users.acl"
+        assert server[server.index("--maxmemory-policy") + 1] == "noeviction"
+    assert services["redis-acl"]["entrypoint"][-2:] == ["--replication-conf", "/acl/replication.conf"]
+    flower_user = "kronos-${KRONOS_FLOWER_ROLE:-monitor}"
+    for name, user in (("worker-gpu", "kronos-worker"), ("worker-cpu", "kronos-worker"), ("flower", flower_user)):
+        environment = services[name]["environment"]
+        for variable, db in (("KRONOS_BROKER_URL", 0), ("KRONOS_RESULT_BACKEND", 1)):
+            parts = environment[variable].split(";")
+            assert parts == [f"sentinel://{user}@sentinel-{i}:26379/{db}" for i in (1, 2, 3)], (name, variable)
+        assert environment["KRONOS_SENTINEL_MASTER"] == "kronos"
+        assert environment["KRONOS_SENTINEL_PASSWORD_FILE"] == "/run/secrets/redis-sentinel.password"
+        assert "redis-sentinel.password" in services[name]["secrets"]
+        assert f"redis-{user}.password" in services[name]["secrets"], name
+    for name in ("worker-gpu", "worker-cpu"):
+        assert services[name]["environment"]["KRONOS_REPLICAS_TO_ACK"] == "1"
+
+
+def test_compose_ha_sentinel_configuration_is_one_a_real_sentinel_runs(compose_ha, tmp_path):
+    """The sentinels' entrypoint writes their configuration from the secret files; run that script with the
+    paths moved to a temp dir and start a real sentinel on what it wrote."""
+    from redis_server import find_redis_server
+
+    script = compose_ha["services"]["sentinel-1"]["entrypoint"][2]
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "redis-kronos-sentinel.password").write_text("sentinel-user-pw")
+    (secrets / "redis-sentinel.password").write_text("sentinels-own-pw")
+    port = free_port()
+    written_only = script.replace("$$", "$").split("exec redis-server")[0]  # compose's $$ is a literal $
+    written_only = written_only.replace("/data", str(tmp_path)).replace("/run/secrets", str(secrets))
+    subprocess.run(["sh", "-c", written_only], check=True, timeout=10)
+    config = tmp_path / "sentinel.conf"
+    text = config.read_text()
+    assert "sentinel auth-pass kronos sentinel-user-pw" in text and "requirepass sentinels-own-pw" in text
+    with RedisServer() as master:
+        config.write_text(text.replace("port 26379", f"port {port}\nbind 127.0.0.1").replace(
+            "monitor kronos redis 6379", f"monitor kronos 127.0.0.1 {master.port}"))  # fmt: skip
+        sentinel = subprocess.Popen([find_redis_server(), str(config), "--sentinel"], cwd=tmp_path,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            import redis
+
+            client = redis.Redis("127.0.0.1", port, password="sentinels-own-pw", socket_timeout=2)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert client.sentinel_master("kronos")["port"] == master.port
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline, "the sentinel did not start on the written configuration"
+                    time.sleep(0.1)
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis("127.0.0.1", port, socket_timeout=2).sentinel_masters()
+        finally:
+            sentinel.terminate()
+            sentinel.wait(10)
+
+
+@pytest.mark.skipif(compose_cli() is None, reason="neither `docker compose` nor docker-compose is installed")
+def test_compose_ha_merges_with_the_main_file():
+    command = [*compose_cli(), "-f", str(COMPOSE), "-f", str(COMPOSE_HA), "--profile", "cpu", "config"]
+    merged = subprocess.run(command, env={**os.environ, "KRONOS_PRODUCERS": "reports"}, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert merged.returncode == 0, merged.stderr
+    services = yaml.safe_load(merged.stdout)["services"]
+    worker = services["worker-cpu"]["environment"]
+    assert worker["KRONOS_BROKER_URL"].startswith("sentinel://") and worker["KRONOS_TORCH_THREADS"] == "4"
+    assert {secret["source"] for secret in services["worker-cpu"]["secrets"]} == {
+        "redis-kronos-worker.password", "redis-sentinel.password"
+    }  # fmt: skip
+
+
+def test_the_acl_generator_writes_the_servers_replication_lines(tmp_path):
+    for user in ("kronos-worker", "kronos-monitor", "kronos-operator", "kronos-replica", "kronos-sentinel", "a"):
+        (tmp_path / f"redis-{user}.password").write_text(f"pw-{user}\n")
+    env = {**os.environ, "KRONOS_PRODUCERS": "a", "KRONOS_SENTINEL_MASTER": "kronos",
+           "KRONOS_BROKER_URL": "sentinel://sentinel-1:26379/0;sentinel://sentinel-2:26379/0"}  # fmt: skip
+    command = [sys.executable, str(OPS / "redis_acl.py"), "--secrets-dir", str(tmp_path), "--out",
+               str(tmp_path / "users.acl"), "--replication-conf", str(tmp_path / "replication.conf")]  # fmt: skip
+    assert subprocess.run(command, env=env, capture_output=True, timeout=60, cwd=REPO_ROOT).returncode == 0
+    assert (tmp_path / "replication.conf").read_text() == "masteruser kronos-replica\nmasterauth pw-kronos-replica\n"
+    users = (tmp_path / "users.acl").read_text()
+    assert "user kronos-replica on" in users and "user kronos-sentinel on" in users
+    assert "pw-kronos-replica" not in users
+    from redis_server import find_redis_server
+
+    port = free_port()  # a server started on the file takes the lines (Redis stops at a bad directive)
+    server = subprocess.Popen([find_redis_server(), str(tmp_path / "replication.conf"), "--port", str(port), "--save",
+                               "", "--bind", "127.0.0.1"], cwd=tmp_path, stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis("127.0.0.1", port, socket_timeout=2, decode_responses=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.config_get("masteruser") == {"masteruser": "kronos-replica"}
+                break
+            except redis.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, "redis-server refused the lines"
+                time.sleep(0.1)
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_compose_variables_are_documented():

@@ -17,6 +17,7 @@ from unittest import mock
 import kronos_cases as kc
 import pytest
 import redis
+from flower_process import Flower
 from redis_server import find_redis_server_at_least
 from sentinel_cluster import MASTER_NAME, SentinelCluster
 from worker_process import REPO_ROOT, WorkerProcess, worker_env
@@ -97,6 +98,12 @@ def test_a_worker_on_sentinel_urls_serves_and_its_answers_wait_for_a_replica(clu
         assert len(job.wait(timeout=60).forecast["close"]) == 4
         with cluster.replica().client(1) as replica:  # the answer is on the replica as soon as it is read
             assert json.loads(replica.get(f"celery-task-meta-{job.id}"))["status"] == "SUCCESS"
+        # the operator's tools reach the master the same way: the CLI, the health check, the queue depths
+        for command in (["-m", "tasks.cli", "status", "--json"], ["-m", "worker.health"]):
+            ran = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                 timeout=60)  # fmt: skip
+            assert ran.returncode == 0, (command, ran.stdout, ran.stderr)
+        assert client.queue_depths() == {"kronos.kronos-small": 0, "kronos.kronos-base": 0, "kronos.kronos-mini": 0}
 
 
 def test_without_enough_replicas_a_submit_is_refused_as_retryable_and_safe_to_repeat(cluster):
@@ -274,10 +281,33 @@ def test_the_generated_acl_users_work_over_sentinel_and_through_a_failover(tmp_p
         with WorkerProcess(env, name="sentinel-acl") as worker, client_for(producer) as alpha:
             first = alpha.submit(kc.candles().iloc[:48], pred_len=4, seed=1)
             assert len(first.wait(timeout=60).forecast["close"]) == 4
+            watch_with_flower(env, as_user(redis_acl.MONITOR_USER, 0), as_user(redis_acl.MONITOR_USER, 1), tmp_path)
             cluster.failover()
             second = submit_until_accepted(alpha, job_id="after-failover")
             assert len(second.wait(timeout=60).forecast["close"]) == 4
             assert worker.process.poll() is None
+
+
+def watch_with_flower(env: dict[str, str], broker_url: str, result_backend: str, tmp_path) -> None:
+    """Flower, as the monitor user over the sentinels, shows the worker and the producer's queue."""
+    login = tmp_path / "flower-basic-auth"
+    login.write_text("ops:flower-pw\n")
+    flower_env = {
+        **env,
+        "KRONOS_BROKER_URL": broker_url,
+        "KRONOS_RESULT_BACKEND": result_backend,
+        "KRONOS_FLOWER_BASIC_AUTH_FILE": str(login),
+        "KRONOS_FLOWER_DB": str(tmp_path / "flower.db"),
+    }
+    flower = Flower(flower_env, ("ops", "flower-pw")).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not json.loads(flower.get("/workers?json=1"))["data"]:
+            assert time.monotonic() < deadline, "Flower never saw the worker's events"
+            time.sleep(0.5)
+        assert "kronos.kronos-small.alpha" in flower.get("/broker").decode()
+    finally:
+        flower.stop()
 
 
 def submit_until_accepted(client, **options):

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from functools import cached_property
 from time import monotonic, time
 
-from kombu.transport import redis
+from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
@@ -143,6 +143,15 @@ class QoS(redis.QoS):
     Redis's `unacked` hash: the sweep requeues it after the visibility timeout, and a job whose result
     is already stored is then acknowledged without running again (worker_deduplicate_successful_tasks)."""
 
+    def append(self, message, delivery_tag):
+        """A message the pop script recorded is only remembered here: kombu's append would write its record a
+        second time (and over the producer's bytes, which the sweep is meant to bring back)."""
+        if delivery_tag in self.channel.recorded_by_pop:
+            self.channel.recorded_by_pop.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
     def restore_unacked(self, client=None):
         try:
             super().restore_unacked(client)
@@ -171,6 +180,16 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
     from_transport_options = redis.Channel.from_transport_options + REPLICATION_OPTIONS
     _idle_until = 0.0  # after a pop that found nothing: no pop before this monotonic time
     _pending = "EVAL"
+
+    def __init__(self, *args, **kwargs):
+        # delivery tags the pop script has recorded in `unacked`, until QoS.append takes them (QoS above)
+        self.recorded_by_pop: set[str] = set()
+        super().__init__(*args, **kwargs)
+        if self.global_keyprefix:
+            # kombu prefixes the keys of its own commands only: the pop script, the delayed set and the
+            # project's keys would silently use others, and the worker would consume nothing
+            raise ValueError("kombu's global_keyprefix transport option is not supported by the worker's transport: "
+                             "give each deployment its own Redis DB or KRONOS_QUEUE_PREFIX instead")  # fmt: skip
 
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -220,21 +239,24 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
                 self._refused(queue, admission.Refused("too large, or without a delivery tag to record it by, "
                                                        "or with the tag of a message in flight"))  # fmt: skip
                 return True
+            tag = bytes_to_str(tag[0])
             gate = self._gates.get(queue)
             if gate is None:  # not a forecast queue: Celery's own traffic (control replies), as kombu reads it
+                self.recorded_by_pop.add(tag)
                 self._deliver_as_is(item, queue)
                 return True
             try:
                 message = admission.admit(item, queue, int(priority or 0), gate)
             except admission.Refused as refused:
                 self.quarantine(item, f"refused from {queue}: {refused.reason}")
-                self._forget(bytes_to_str(tag[0]))
+                self._forget(tag)
                 self._refused(queue, refused)
                 return True
             due = delayed.due_time(message)
             if due is not None:
-                self._park(message, bytes_to_str(key), bytes_to_str(tag[0]), due)
+                self._park(message, bytes_to_str(key), tag, due)
             else:
+                self.recorded_by_pop.add(tag)
                 self.connection._deliver(message, queue)
             return True
         finally:

@@ -89,16 +89,25 @@ class OneDNNLinear(nn.Linear):
 
 
 def use_onednn(module: nn.Module) -> bool:
-    """Swap every nn.Linear of `module` (on CPU) for a freshly packed OneDNNLinear; False where oneDNN is missing.
+    """Swap every nn.Linear of `module` (on CPU) for a freshly packed OneDNNLinear; False (nothing swapped) where
+    oneDNN is missing or has no path for the weights' dtype on this CPU.
 
     Pack after the last change of the weights' dtype or device: a packed copy is of the weights as they were.
     """
     if not torch.backends.mkldnn.is_available():
         return False
-    for parent in list(module.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
-                setattr(parent, name, OneDNNLinear.pack(child))
+    linears = [
+        (parent, name, child)
+        for parent in list(module.modules())
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.weight.device.type == "cpu"
+    ]
+    try:
+        packed = [(parent, name, OneDNNLinear.pack(child)) for parent, name, child in linears]
+    except RuntimeError:  # no oneDNN path for this dtype on this CPU (bfloat16 needs AVX512-BF16 or AVX-NE-CONVERT)
+        return False
+    for parent, name, linear in packed:
+        setattr(parent, name, linear)
     return True
 
 

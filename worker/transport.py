@@ -45,10 +45,10 @@ producer's urgent jobs cannot keep the others' jobs waiting.
 import binascii
 import json
 import logging
-from collections.abc import Callable
 from functools import cached_property
 from time import monotonic, time
 
+from celery.utils.dispatch import Signal
 from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
@@ -70,9 +70,9 @@ IDLE_KEY = "kronos:idle"
 # A wake-up may come this early (the event loop sleeps in whole milliseconds): close enough to pop.
 IDLE_SLACK = 0.002
 
-# Called as on_refused(queue, reason, job id or None) for every item refused from a forecast queue
-# (worker/app.py counts them, and answers a producer's own job id with INVALID_INPUT).
-on_refused: Callable[[str, str, str | None], None] | None = None
+# Sent for every item refused from a forecast queue, with its queue, the reason and its job id (or None):
+# the Serving step (worker/steps.py) counts them, and answers a producer's own job id with INVALID_INPUT.
+message_refused = Signal(name="kronos_message_refused", providing_args={"queue", "reason", "job_id"})
 
 # KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, poison list, poison cap,
 # largest item in bytes, the delayed set, then the queue of each key. First the delayed jobs that are due go
@@ -311,8 +311,8 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
 
     def _refused(self, queue: str, refused: admission.Refused) -> None:
         log.error("refused an item from %s (kept in %s): %s", queue, POISON_KEY, refused.reason)
-        if on_refused is not None and queue in self._gates:  # metric labels stay the served queues
-            on_refused(queue, refused.reason, refused.job_id)
+        if queue in self._gates:  # metric labels stay the served queues
+            message_refused.send(sender=self, queue=queue, reason=refused.reason, job_id=refused.job_id)
 
     def drop(self, message, reason: str) -> None:
         """Quarantine a decoded message and forget its unacknowledged record, so the sweep does not bring it back."""

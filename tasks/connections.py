@@ -24,13 +24,15 @@ SENTINEL_PORT = 26379
 
 
 def ssl_options(settings: KronosSettings, url: str | None = None) -> dict[str, Any] | None:
-    """TLS options for a connection to `url` (default: the broker), or None when it is a plain redis:// URL.
+    """TLS options for a connection to `url` (default: the broker), or None when it is a plain redis:// URL
+    (or a sentinel:// one without KRONOS_SENTINEL_TLS).
 
     The keys are the ones redis-py's SSLConnection, kombu's Redis transport (`broker_use_ssl`) and Celery's
     Redis result backend (`redis_backend_use_ssl`) all take. Without KRONOS_REDIS_TLS_CA_FILE the server's
     certificate is checked against the system's trusted CAs.
     """
-    if urlsplit(url or settings.broker_url).scheme != "rediss":
+    scheme = urlsplit(url or settings.broker_url).scheme
+    if scheme != "rediss" and not (is_sentinel_url(url or settings.broker_url) and settings.sentinel_tls):
         return None
     options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
     files = {
@@ -49,10 +51,12 @@ def redis_client(url: str, settings: KronosSettings, **kwargs: Any) -> redis.Red
         return redis.Redis.from_url(url, **(ssl_options(settings, url) or {}), **kwargs)
     parts = [urlsplit(part) for part in url.split(SENTINEL_SEPARATOR)]
     first = parts[0]
+    tls = ssl_options(settings, url)
     master = {
         "db": int(first.path.strip("/") or 0),
         "username": unquote(first.username) if first.username else None,
         "password": unquote(first.password) if first.password else None,
+        **({"ssl": True, **tls} if tls else {}),  # redis-py's Sentinel pool takes `ssl` for its connection class
         **kwargs,
     }
     sentinels = Sentinel(
@@ -63,10 +67,16 @@ def redis_client(url: str, settings: KronosSettings, **kwargs: Any) -> redis.Red
 
 
 def sentinel_kwargs(settings: KronosSettings, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """How to talk to the sentinels themselves: their password, and the socket timeouts of the master's."""
+    """How to talk to the sentinels themselves: their password, TLS as to the servers, and the socket timeouts
+    of the master's."""
     timeouts = {"socket_timeout": settings.socket_timeout, "socket_connect_timeout": settings.socket_connect_timeout}
     timeouts.update({key: value for key, value in (kwargs or {}).items() if key in timeouts})
-    return {**timeouts, **({"password": settings.sentinel_password} if settings.sentinel_password else {})}
+    tls = ssl_options(settings, settings.broker_url)
+    return {
+        **timeouts,
+        **({"password": settings.sentinel_password} if settings.sentinel_password else {}),
+        **({"ssl": True, **tls} if tls else {}),
+    }
 
 
 def sentinel_transport_options(settings: KronosSettings) -> dict[str, Any]:

@@ -60,6 +60,7 @@ class KronosSettings:
     # Redis Sentinel: the monitored master's name, and the sentinels' own password (None: they need none)
     sentinel_master: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
+    sentinel_tls: bool = False  # TLS to the sentinels and to the servers they name
     # Writes that must survive a failover (a job accepted, an answer stored) wait for this many replicas
     replicas_to_ack: int = 0
     replica_ack_timeout: float = 2.0
@@ -93,10 +94,15 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
     tls_files = {
         name: env_readable_file(environ, f"KRONOS_REDIS_TLS_{name.upper()}_FILE") for name in ("ca", "cert", "key")
     }
-    if any(tls_files.values()) and not (_is_tls(broker_url) and _is_tls(result_backend)):
+    sentinel_tls = env_flag(environ, "KRONOS_SENTINEL_TLS")
+    if sentinel_tls and not is_sentinel_url(broker_url):
+        raise SettingsError("KRONOS_SENTINEL_TLS=1 needs sentinel:// URLs; with one Redis use rediss:// URLs")
+    tls_urls = sentinel_tls or (_is_tls(broker_url) and _is_tls(result_backend))
+    if any(tls_files.values()) and not tls_urls:
         raise SettingsError(
-            "KRONOS_REDIS_TLS_*_FILE are set but KRONOS_BROKER_URL/KRONOS_RESULT_BACKEND are not rediss:// URLs: "
-            "the certificates would be ignored and the connection would not be encrypted"
+            "KRONOS_REDIS_TLS_*_FILE are set but KRONOS_BROKER_URL/KRONOS_RESULT_BACKEND are not rediss:// URLs "
+            "(nor sentinel:// URLs with KRONOS_SENTINEL_TLS=1): the certificates would be ignored and the "
+            "connection would not be encrypted"
         )
     if bool(tls_files["cert"]) != bool(tls_files["key"]):
         raise SettingsError("KRONOS_REDIS_TLS_CERT_FILE and KRONOS_REDIS_TLS_KEY_FILE go together: set both or neither")
@@ -107,8 +113,6 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
         )
     if is_sentinel_url(broker_url) and sentinel_master is None:
         raise SettingsError("KRONOS_SENTINEL_MASTER must name the master the sentinels monitor (sentinel:// URLs)")
-    if is_sentinel_url(broker_url) and any(tls_files.values()):
-        raise SettingsError("TLS to Redis through Sentinel is not supported yet: unset KRONOS_REDIS_TLS_*_FILE")
     return KronosSettings(
         broker_url=broker_url,
         result_backend=result_backend,
@@ -129,6 +133,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> KronosSettings:
         tls_cert_file=tls_files["cert"],
         tls_key_file=tls_files["key"],
         sentinel_master=sentinel_master,
+        sentinel_tls=sentinel_tls,
         sentinel_password=env_secret_file(environ, "KRONOS_SENTINEL_PASSWORD_FILE"),
         replicas_to_ack=env_count(environ, "KRONOS_REPLICAS_TO_ACK", 0),
         replica_ack_timeout=env_positive_seconds(environ, "KRONOS_REPLICA_ACK_TIMEOUT", 2.0),
@@ -154,6 +159,13 @@ def env_whole_number(environ: Mapping[str, str], variable: str, default: int, *,
     if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise SettingsError(f"{variable} must be a whole number{unit} >= 1, got {raw!r}")
     return int(raw)
+
+
+def env_flag(environ: Mapping[str, str], variable: str) -> bool:
+    raw = env_raw(environ, variable)
+    if raw not in (None, "0", "1"):
+        raise SettingsError(f"{variable} must be 1 (on) or 0 (off), got {raw!r}")
+    return raw == "1"
 
 
 def env_count(environ: Mapping[str, str], variable: str, default: int) -> int:

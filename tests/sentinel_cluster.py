@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import redis
-from redis_server import HOST, RedisServer, RedisServerError, find_redis_server, free_port
+from redis_server import HOST, RedisServer, RedisServerError, find_redis_server, find_tls_redis_server, free_port
+from tls_certs import TlsFiles
 
 MASTER_NAME = "kronos"
 
@@ -17,13 +18,19 @@ MASTER_NAME = "kronos"
 class SentinelProcess:
     def __init__(self, master_port: int, *, down_after_ms: int, failover_timeout_ms: int,
                  auth: tuple[str, str] | None = None, password: str | None = None,
-                 executable: str | None = None):  # fmt: skip
+                 executable: str | None = None, tls: TlsFiles | None = None):  # fmt: skip
         self.port = free_port()
+        self.tls = tls
         self.directory = Path(tempfile.mkdtemp(prefix="kronos-sentinel-"))
         self.config = self.directory / "sentinel.conf"
         # Sentinel rewrites its own file as it learns the deployment: it must be a writable file of its own.
+        listen = f"port {self.port}\n"
+        if tls is not None:  # TLS only, to clients, to the other sentinels and to the servers
+            listen = (f"port 0\ntls-port {self.port}\ntls-cert-file {tls.server_cert}\ntls-key-file {tls.server_key}\n"
+                      f"tls-ca-cert-file {tls.ca}\ntls-auth-clients yes\ntls-replication yes\n"
+                      f"tls-client-cert-file {tls.client_cert}\ntls-client-key-file {tls.client_key}\n")  # fmt: skip
         self.config.write_text(
-            f"port {self.port}\nbind {HOST}\ndir {self.directory}\n"
+            f"{listen}bind {HOST}\ndir {self.directory}\n"
             f"sentinel monitor {MASTER_NAME} {HOST} {master_port} 2\n"
             f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n"
             f"sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n"
@@ -58,7 +65,11 @@ class SentinelProcess:
                 time.sleep(0.05)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(HOST, self.port, password=self.password, socket_timeout=5, decode_responses=True)
+        tls = {}
+        if self.tls is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "ssl_certfile": str(self.tls.client_cert),
+                   "ssl_keyfile": str(self.tls.client_key)}  # fmt: skip
+        return redis.Redis(HOST, self.port, password=self.password, socket_timeout=5, decode_responses=True, **tls)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -84,7 +95,7 @@ class SentinelCluster:
     def __init__(self, *, sentinels: int = 3, down_after_ms: int = 1000, failover_timeout_ms: int = 2000,
                  extra_args: tuple[str, ...] = (), admin: tuple[str, str] | None = None,
                  sentinel_auth: tuple[str, str] | None = None, sentinel_password: str | None = None,
-                 executable: str | None = None):  # fmt: skip
+                 executable: str | None = None, tls: TlsFiles | None = None):  # fmt: skip
         """`extra_args` go to every server (an ACL file, a replica's masteruser and masterauth); `admin` is the
         (user, password) this harness reads the servers as; `sentinel_auth` the servers' user the sentinels
         log in as, `sentinel_password` the sentinels' own password."""
@@ -93,18 +104,24 @@ class SentinelCluster:
         self.servers: list[RedisServer] = []
         self.sentinels: list[SentinelProcess] = []
         self._sentinel_count = sentinels
+        self.tls = tls
+        if tls is not None:  # replication over TLS too; one binary built with TLS for servers and sentinels
+            self.extra_args += ["--tls-replication", "yes", "--tls-client-cert-file", str(tls.client_cert),
+                                "--tls-client-key-file", str(tls.client_key)]  # fmt: skip
+            executable = executable or find_tls_redis_server()
         self.executable = executable
         self._sentinel_options = {"down_after_ms": down_after_ms, "failover_timeout_ms": failover_timeout_ms,
                                   "auth": sentinel_auth, "password": sentinel_password,
-                                  "executable": executable}  # fmt: skip
+                                  "executable": executable, "tls": tls}  # fmt: skip
 
     def __enter__(self) -> "SentinelCluster":
         try:
             inspect_as = (self.admin["username"], self.admin["password"]) if self.admin else None
-            master = RedisServer(extra_args=self.extra_args, inspect_as=inspect_as, executable=self.executable).start()
+            servers = {"inspect_as": inspect_as, "executable": self.executable, "tls": self.tls}
+            master = RedisServer(extra_args=self.extra_args, **servers).start()
             self.servers.append(master)
             replica_args = [*self.extra_args, "--replicaof", HOST, str(master.port)]
-            replica = RedisServer(extra_args=replica_args, inspect_as=inspect_as, executable=self.executable).start()
+            replica = RedisServer(extra_args=replica_args, **servers).start()
             self.servers.append(replica)
             self._wait_replicating(replica)
             for _ in range(self._sentinel_count):

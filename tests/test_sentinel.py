@@ -18,8 +18,9 @@ import kronos_cases as kc
 import pytest
 import redis
 from flower_process import Flower
-from redis_server import find_redis_server_at_least
+from redis_server import TlsUnsupported, find_redis_server_at_least, find_tls_redis_server
 from sentinel_cluster import MASTER_NAME, SentinelCluster
+from tls_certs import CertificateError, make_tls_files
 from worker_process import REPO_ROOT, WorkerProcess, worker_env
 
 from tasks.connections import redis_client
@@ -46,6 +47,8 @@ def test_sentinel_urls_are_settings_like_any_other(tmp_path):
                        "KRONOS_RESULT_BACKEND": "redis://localhost:6379/1"})  # fmt: skip
     with pytest.raises(SettingsError, match="KRONOS_REPLICAS_TO_ACK"):
         load_settings({"KRONOS_REPLICAS_TO_ACK": "-1"})
+    with pytest.raises(SettingsError, match="KRONOS_SENTINEL_TLS=1 needs sentinel://"):
+        load_settings({"KRONOS_SENTINEL_TLS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +323,28 @@ def submit_until_accepted(client, **options):
             if not getattr(exc, "retryable", False) or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_tls_to_the_sentinels_and_the_servers(tmp_path):
+    """KRONOS_SENTINEL_TLS=1: the sentinels, the master and the replica speak TLS only (client certificates
+    required), replication and the sentinels' own links included; a worker and a producer serve through it and
+    through a failover."""
+    try:
+        files = make_tls_files(tmp_path / "tls")
+        find_tls_redis_server()
+    except (CertificateError, TlsUnsupported) as exc:
+        pytest.skip(str(exc))
+    with SentinelCluster(tls=files) as cluster:
+        env = sentinel_env(cluster, **{
+            "KRONOS_SENTINEL_TLS": "1",
+            "KRONOS_REDIS_TLS_CA_FILE": str(files.ca),
+            "KRONOS_REDIS_TLS_CERT_FILE": str(files.client_cert),
+            "KRONOS_REDIS_TLS_KEY_FILE": str(files.client_key),
+        })  # fmt: skip
+        with WorkerProcess(env, name="sentinel-tls") as worker, client_for(env) as client:
+            first = client.submit(kc.candles().iloc[:48], pred_len=4, seed=1)
+            assert len(first.wait(timeout=60).forecast["close"]) == 4
+            cluster.failover()
+            second = submit_until_accepted(client, job_id="tls-after-failover")
+            assert len(second.wait(timeout=60).forecast["close"]) == 4
+            assert worker.process.poll() is None

@@ -7,6 +7,7 @@ master while a producer submits continuously and two workers serve.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -119,6 +120,38 @@ def test_without_enough_replicas_a_submit_is_refused_as_retryable_and_safe_to_re
             client.submit(kc.candles().iloc[:48], pred_len=4, job_id=job_id)
         assert refused.value.retryable and refused.value.job_id == job_id
         assert not client.results.exists(f"kronos:job:{job_id}")  # so that submitting again sends it again
+
+
+def test_an_answer_no_replica_has_confirmed_keeps_its_job_unacknowledged(cluster):
+    """An answer on the master alone dies with it in a failover, while the job's ack, sent on a connection that
+    has already found the new master, stands: the job is gone. So a final write counts only once a replica has
+    confirmed it; until then the worker writes again and the job stays unacknowledged (this failed when an
+    unconfirmed answer was only logged: three jobs of the failover run below were lost that way)."""
+    env = sentinel_env(cluster, KRONOS_REPLICA_ACK_TIMEOUT="0.5")
+    producer_env = {**env, "KRONOS_REPLICAS_TO_ACK": "0"}  # a stock producer: its message waits for nobody
+    with WorkerProcess(env, name="unconfirmed") as worker, client_for(producer_env) as producer:
+        replica = cluster.replica()
+        replica.process.send_signal(signal.SIGSTOP)  # it stays connected, and confirms nothing
+        try:
+            job = producer.submit(kc.candles().iloc[:48], pred_len=4, seed=3)
+            deadline = time.monotonic() + 60
+            while json.loads(producer.results.get(f"celery-task-meta-{job.id}") or "{}").get("status") != "SUCCESS":
+                assert time.monotonic() < deadline, "the answer was never written to the master"
+                time.sleep(0.2)
+            time.sleep(3)  # the old worker acknowledged within milliseconds of writing
+            with cluster.master().client(0) as master:
+                assert master.hlen("unacked") == 1, "the job was acknowledged on an answer only the master holds"
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
+        cluster._wait_replicating(replica)
+        deadline = time.monotonic() + 60
+        with cluster.master().client(0) as master:
+            while master.hlen("unacked"):
+                assert time.monotonic() < deadline, "the job was never acknowledged once the replica was back"
+                time.sleep(0.2)
+        with replica.client(1) as copy:
+            assert json.loads(copy.get(f"celery-task-meta-{job.id}"))["status"] == "SUCCESS"
+        assert worker.process.poll() is None
 
 
 # ---- the failover run docs/RELIABILITY.md quotes -------------------------------------------------------------

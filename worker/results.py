@@ -8,8 +8,9 @@ SUCCESS, FAILURE and REVOKED never. The same script marks the job's claim final 
 later copy of the job is acknowledged without running.
 
 The two kinds of write differ in what a slow Redis may cost:
-- A final write retries with backoff until its deadline (by default KRONOS_VISIBILITY_TIMEOUT from now);
-  then it raises RedisUnreachable, and the caller leaves the job to be delivered again rather than fail it.
+- A final write retries with backoff while Redis is unreachable or (KRONOS_REPLICAS_TO_ACK) no replica has
+  confirmed it, until its deadline (by default KRONOS_VISIBILITY_TIMEOUT from now); then it raises
+  RedisUnreachable, and the caller leaves the job to be delivered again rather than fail it.
 - Every other state (STARTED, PROGRESS, RETRY) is best effort: handed to one writer thread that keeps only
   the latest state of each job and drops what it cannot write, so it never blocks, delays or fails a job.
 
@@ -28,7 +29,7 @@ from kombu.utils.json import dumps
 
 from tasks.keys import CLAIM_KEY_PREFIX
 from tasks.outcomes import WRITE_STATE
-from tasks.replication import NotReplicated, check_acknowledged, wait_command
+from tasks.replication import check_acknowledged, wait_command
 from tasks.settings import current_settings
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,10 @@ class ResultBackend(RedisBackend):
 
     def _write_final_once(self, task_id: str, document: str, state: str, what: str) -> None:
         """The compare-and-set, and with KRONOS_REPLICAS_TO_ACK the WAIT for replicas on the same connection
-        (tasks/replication.py). Replicas that do not confirm are logged, not waited for longer: the answer is
-        on the master, and if a failover loses it the job's message comes back (its ack is later still) and
-        the job runs again."""
+        (tasks/replication.py). An answer no replica confirmed is not stored yet: NotReplicated, a connection
+        error, so the write is tried again (the compare-and-set keeps the first answer) until replicas confirm
+        or the deadline passes. Acknowledging the job on it would risk the job: in a failover the answer dies
+        with the old master, while the ack, sent on a connection that has already found the new one, stands."""
         shared = current_settings()
         if not shared.replicas_to_ack:
             self.write_state(task_id, document, state)
@@ -118,10 +120,7 @@ class ResultBackend(RedisBackend):
             self.write_state(task_id, document, state, client=pipe)
             pipe.execute_command(*wait_command(shared.replicas_to_ack, shared.replica_ack_timeout))
             _, acknowledged = pipe.execute()
-        try:
-            check_acknowledged(acknowledged, shared.replicas_to_ack, shared.replica_ack_timeout, what)
-        except NotReplicated as exc:
-            log.warning("%s", exc)
+        check_acknowledged(acknowledged, shared.replicas_to_ack, shared.replica_ack_timeout, what)
 
     def write_state(self, task_id: str, document: str, state: str, client=None) -> bool:
         """One compare-and-set of the job's state (one round trip); False when a final answer was there."""

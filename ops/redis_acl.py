@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 from schemas.heartbeat import HEARTBEAT_KEY
 from tasks.client import priority_list
 from tasks.deadletter import DEAD_LETTER_KEY
-from tasks.keys import CONFLICT_KEY_PREFIX, JOB_RECORD_PREFIX, RESULT_KEY_PREFIX
+from tasks.keys import CONFLICT_KEY_PREFIX, JOB_RECORD_PREFIX, PROBE_KEY_PREFIX, RESULT_KEY_PREFIX, keyspace_channel
 from tasks.routing import PRIORITY_STEPS, job_id_prefix, queue_for_model
 from tasks.settings import KronosSettings, SettingsError, load_settings
 
@@ -134,7 +134,9 @@ def worker_rules(settings: KronosSettings) -> str:
     )
     channels = (
         f"&{RESULT_KEY_PREFIX}* &/{db}.celery.pidbox &/{db}.celeryev/* &/{db}.celeryev/worker.* "
-        f"&/{db}.celery.pidbox.reply.*"
+        f"&/{db}.celery.pidbox.reply.* "
+        # Redis's announcements of pushes onto the queues and onto the worker's wake-up probes (worker/wakeup.py)
+        f"&{keyspace_channel(db, settings.queue_prefix + '.*')} &{keyspace_channel(db, PROBE_KEY_PREFIX + '*')}"
     )
     return f"resetkeys resetchannels -@all {CONNECTION} {WORKER_COMMANDS} {keys} {channels}"
 

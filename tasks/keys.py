@@ -9,6 +9,8 @@ kronos:conflict:<id>    why a request sent under an id that names another reques
 And one in the broker DB that holds jobs of every queue:
 
 kronos:delayed          jobs whose eta is still ahead, until they are due (worker/delayed.py)
+kronos:wake-probe:<id>  pushed to and deleted by an idle worker, to check that Redis announces pushes to it
+                        (worker/wakeup.py); never holds anything between two commands
 """
 
 RESULT_KEY_PREFIX = "celery-task-meta-"
@@ -16,3 +18,9 @@ JOB_RECORD_PREFIX = "kronos:job:"
 CLAIM_KEY_PREFIX = "kronos:claim:"
 CONFLICT_KEY_PREFIX = "kronos:conflict:"
 DELAYED_KEY = "kronos:delayed"
+PROBE_KEY_PREFIX = "kronos:wake-probe:"
+
+
+def keyspace_channel(db: int, key: str) -> str:
+    """Where Redis announces writes to `key` (notify-keyspace-events K)."""
+    return f"__keyspace@{db}__:{key}"

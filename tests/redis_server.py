@@ -300,6 +300,8 @@ class RedisServer:
             "--save", "",
             # As in production: evicting a queue key under memory pressure would lose jobs silently.
             "--maxmemory-policy", "noeviction",
+            # As in production: list pushes are announced, so idle workers wait for them (worker/wakeup.py).
+            "--notify-keyspace-events", "Kl",
         ]  # fmt: skip
         if self.appendonly:
             command += ["--appendonly", "yes", "--appendfsync", "always"]

@@ -243,6 +243,16 @@ def test_a_producer_submits_and_reads_its_results(clients):
     assert [heartbeat.queues for heartbeat in clients["alpha"].workers()] == [[queue_of(p) for p in SERVED]]
 
 
+def test_the_worker_user_hears_pushes_onto_its_queues_and_producers_do_not(server, secrets, clients, admin):
+    """Idle workers wait for Redis's announcements of pushes (worker/wakeup.py): the worker's user may subscribe
+    to those of its queues and its probes; a producer may not listen to any queue's traffic."""
+    channel = f"__keyspace@0__:{queue_of('alpha')}"
+    assert admin.pubsub_numsub(channel)[0][1] >= 1, "the worker is not subscribed (its ACL refused?)"
+    with connect(server, secrets, "alpha") as alpha:
+        assert refused(alpha, "SUBSCRIBE", channel)
+        assert refused(alpha, "PSUBSCRIBE", "__keyspace@0__:*")
+
+
 def test_a_producer_is_refused_administration_and_other_producers_data(server, secrets, clients):
     beta_job = clients["beta"].submit(window(start=100), pred_len=4, series_id="beta-secret")
     beta_job.wait(timeout=60)

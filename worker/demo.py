@@ -193,6 +193,7 @@ def redis_for_demo(given_url: str | None, scratch: Path, say: Say) -> Iterator[t
     port = free_port()
     command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(scratch), "--save", ""]
     command += ["--appendonly", "no", "--daemonize", "no", "--logfile", str(scratch / "redis.log")]
+    command += ["--notify-keyspace-events", "Kl"]  # the idle worker waits for announced pushes (worker/wakeup.py)
     server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         url = f"redis://127.0.0.1:{port}"

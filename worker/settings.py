@@ -52,7 +52,8 @@ class WorkerSettings:
     heartbeat_interval: float  # seconds
     log_format: str  # json or text
     quotas: QuotaPolicy
-    poll_interval: float  # seconds an idle worker waits between two looks at its queues
+    poll_interval: float  # seconds an idle worker waits between two looks at its queues where Redis announces nothing
+    idle_recheck: float  # seconds an idle worker that hears announcements waits at most between two looks
     claim_lease: float  # seconds a running job's claim lasts unless renewed (renewed every third of it)
 
 
@@ -118,6 +119,7 @@ def load_worker_settings(environ: Mapping[str, str] = os.environ) -> WorkerSetti
         log_format=_log_format(environ),
         quotas=quotas,
         poll_interval=env_positive_seconds(environ, "KRONOS_POLL_INTERVAL_MS", 10.0) / 1000,
+        idle_recheck=env_positive_seconds(environ, "KRONOS_IDLE_RECHECK_SECONDS", 5.0),
         claim_lease=claim_lease,
     )
 

@@ -18,9 +18,10 @@ unacknowledged in a second, separate write, so a message popped while Redis shut
 already in the AOF, the reply never reaches the worker) vanishes. Here one Lua script pops the
 highest-priority message and records it in `unacked`/`unacked_index` exactly as kombu's QoS.append
 does, atomically; if the reply is lost the sweep requeues it. A script cannot block, so after a pop that
-found nothing the channel sends nothing for KRONOS_POLL_INTERVAL_MS and the event loop wakes it then to
-pop again: an idle worker picks a new job up within that interval. (Not a BLPOP with a short timeout:
-Redis checks blocking timeouts on its 10-per-second cron, so a 5 ms BLPOP waits about 100 ms.)
+found nothing the channel waits for Redis to announce a push onto one of its lists (worker/wakeup.py), for
+its next delayed job to be due, or for KRONOS_IDLE_RECHECK_SECONDS; where Redis announces nothing it pops
+again after KRONOS_POLL_INTERVAL_MS. (Not a BLPOP with a short timeout: Redis checks blocking timeouts on its
+10-per-second cron, so a 5 ms BLPOP waits about 100 ms.)
 
 Identity and admission. A message's delivery_info (exchange, routing key) is written by whoever pushed it,
 and kombu restores unacknowledged messages, and Celery sends retries, to the queue it names. Here the queue a
@@ -60,6 +61,7 @@ from tasks.routing import CONSUMPTION_ORDER, serving_queues
 from tasks.settings import current_settings
 from worker import admission, delayed
 from worker.settings import current_worker_settings
+from worker.wakeup import PROBE_INTERVAL, Doorbell
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,8 @@ IDLE_SLACK = 0.002
 message_refused = Signal(name="kronos_message_refused", providing_args={"queue", "reason", "job_id"})
 
 # KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, poison list, poison cap,
-# largest item in bytes, the delayed set, then the queue of each key. First the delayed jobs that are due go
+# largest item in bytes, the delayed set, the wake-up probe's key or '' (worker/wakeup.py), then the queue of
+# each key. First the delayed jobs that are due go
 # back onto their lists (worker/delayed.py). The entry is what kombu's QoS.append writes, [raw message,
 # exchange, routing key], with the queue popped from as both exchange and routing key (each queue has a direct
 # exchange of its own name), and the raw JSON kept byte for byte (decoding and re-encoding in Lua would turn
@@ -84,7 +87,8 @@ message_refused = Signal(name="kronos_message_refused", providing_args={"queue",
 # tag is already in flight (its record would replace another message's: a producer could aim that at another's
 # job). Nor is an item larger than the limit decoded at all (cjson would hold Redis, and the worker its copy,
 # for seconds): all go to the poison list here (a large one cut to its first 4 KiB), and the reply says so:
-# {key, false}.
+# {key, false}. When every list is empty: {false, false, when the next delayed job is due (or false)}, after
+# a push to the probe key, if one is given, that the channel's subscription should hear announced.
 POP_AND_RECORD = (
     "local delayed, now = ARGV[7], ARGV[3]\n"
     + delayed.RELEASE_DUE_LUA
@@ -101,7 +105,7 @@ for i, key in ipairs(KEYS) do
       item = string.sub(item, 1, 4096)
     end
     if type(tag) == 'string' and tag ~= '' and redis.call('HEXISTS', ARGV[1], tag) == 0 then
-      local queue = cjson.encode(ARGV[7 + i])
+      local queue = cjson.encode(ARGV[8 + i])
       redis.call('ZADD', ARGV[2], ARGV[3], tag)
       redis.call('HSET', ARGV[1], tag, '[' .. item .. ',' .. queue .. ',' .. queue .. ']')
       return {key, item, tag}
@@ -111,7 +115,12 @@ for i, key in ipairs(KEYS) do
     return {key, false}
   end
 end
-return false
+if ARGV[8] ~= '' then
+  redis.call('LPUSH', ARGV[8], '1')
+  redis.call('DEL', ARGV[8])
+end
+local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')[2]
+return {false, false, next_due or false}
 """
 )
 
@@ -180,6 +189,7 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
     from_transport_options = redis.Channel.from_transport_options + REPLICATION_OPTIONS
     _idle_until = 0.0  # after a pop that found nothing: no pop before this monotonic time
     _pending = "EVAL"
+    _doorbell: Doorbell | None = None  # with an event loop: the announcements of pushes onto the queues
 
     def __init__(self, *args, **kwargs):
         # delivery tags the pop script has recorded in `unacked`, until QoS.append takes them (QoS above)
@@ -195,9 +205,12 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
+        hub = self.connection.hub
+        if hub is not None:
+            self._watch_queues(hub)
         idle = self._idle_until - monotonic()
-        if idle > IDLE_SLACK and self.connection.hub is not None:
-            return  # the wake-up set when the last pop found nothing brings the event loop back here
+        if idle > IDLE_SLACK and hub is not None:
+            return  # a ring, or the wake-up set when the last pop found nothing, brings the event loop back here
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         if idle > IDLE_SLACK:  # no event loop: wait in Redis (never a timeout of 0, which blocks for good)
@@ -218,8 +231,25 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             MAX_POISON,
             self._max_message_bytes,
             DELAYED_KEY,
+            self._doorbell.probe_key if self._doorbell is not None and self._doorbell.wants_probe() else "",
             *(queue for _, queue in pairs),
         )
+
+    def _watch_queues(self, hub) -> None:
+        if self._doorbell is None:
+            db = self.pool.connection_kwargs.get("db", 0)
+            self._doorbell = Doorbell(lambda: self.Client(connection_pool=self.pool), db, hub, self._ring)
+        self._doorbell.watch(self._q_for_pri(queue, priority) for queue in self.active_queues
+                             for priority in CONSUMPTION_ORDER)  # fmt: skip
+
+    def _ring(self) -> None:
+        """A watched list was pushed to: pop on the event loop's next round."""
+        self._idle_until = 0.0
+
+    def close(self):
+        if self._doorbell is not None:
+            self._doorbell.close()
+        super().close()
 
     def _brpop_read(self, **options):
         try:
@@ -228,9 +258,9 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next round reconnects
                 raise
-            if self._pending == "BLPOP" or not reply:
+            if self._pending == "BLPOP" or not reply or reply[0] is None:
                 if self._pending == "EVAL":
-                    self._rest()
+                    self._rest(float(reply[2]) if reply and reply[2] is not None else None)
                 raise redis.Empty()
             key, item, *tag = reply
             queue, _, priority = bytes_to_str(key).partition(self.sep)
@@ -274,10 +304,17 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             log.exception("could not park delayed job %s; the visibility-timeout sweep will bring it back",
                           message["headers"]["id"])  # fmt: skip
 
-    def _rest(self) -> None:
-        """Pop again only after the poll interval. The wake-up is set here, while the event loop handles this
-        reply, because the loop computes how long it may sleep before it asks the channels to poll."""
-        interval = current_worker_settings().poll_interval
+    def _rest(self, next_due: float | None) -> None:
+        """Pop again on a ring, or after the poll interval where Redis announces nothing; else after the idle
+        recheck, or when the next delayed job (`next_due`, a time() value) is due if that is sooner. The wake-up
+        is set here, while the event loop handles this reply, because the loop computes how long it may sleep
+        before it asks the channels to poll."""
+        worker = current_worker_settings()
+        interval = worker.poll_interval
+        if self._doorbell is not None and self._doorbell.heard(within=worker.idle_recheck + PROBE_INTERVAL):
+            interval = worker.idle_recheck
+            if next_due is not None:
+                interval = max(worker.poll_interval, min(interval, next_due - time()))
         self._idle_until = monotonic() + interval
         if self.connection.hub is not None:
             self.connection.wake_after(interval)

@@ -1,0 +1,139 @@
+"""Idle workers wait for Redis to announce a push onto their queues instead of asking every few milliseconds.
+
+The pop (worker/transport.py) is a Lua script, so that taking a job and recording it as unacknowledged are
+one step; a script cannot block, so an idle worker used to run it every KRONOS_POLL_INTERVAL_MS: about a
+hundred scripts a second per idle worker, on the one thread Redis runs every command on.
+
+Redis can announce list writes itself: with `notify-keyspace-events` holding K (keyspace channels) and l (list
+commands) it publishes "lpush" or "rpush" on `__keyspace@<db>__:<key>` for every push, whoever makes it (a
+producer's client in any language, the visibility-timeout sweep, the release of a delayed job). A Doorbell
+subscribes to the lists of its channel's queues on a connection of its own that Celery's event loop watches,
+and rings (the channel pops) when one is announced. The announcement is only a wake-up: the pop stays the
+atomic script, so a missed one costs time, never a job. Hence an idle channel still pops every
+KRONOS_IDLE_RECHECK_SECONDS, and when its next delayed job is due.
+
+That announcements arrive is checked, never assumed: an empty pop pushes to a key of the channel's own
+(kronos:wake-probe:<id>, in the same script, and deletes it) at most once a second, and the Doorbell counts as
+heard only while those pushes are announced to it. Where they are not (a Redis without Kl, an ACL without the
+channels, a subscription lost to a failover), the channel polls every KRONOS_POLL_INTERVAL_MS as before, says
+so once in its log, and keeps probing.
+"""
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from time import monotonic
+
+import redis
+
+from tasks.keys import PROBE_KEY_PREFIX, keyspace_channel
+
+log = logging.getLogger(__name__)
+
+# an empty pop probes no more often than this, whatever the poll interval
+PROBE_INTERVAL = 1.0
+UNHEARD_PROBES_TO_SAY_SO = 3
+
+
+class Doorbell:
+    """One channel's subscription to its queues' announcements. `hub` is Celery's event loop, `ring` what to
+    call when a watched list was pushed to; `client_for_pubsub()` gives a client whose pubsub() reaches the
+    broker's current master (the channel's pool: it follows Sentinel)."""
+
+    def __init__(self, client_for_pubsub: Callable[[], redis.Redis], db: int, hub, ring: Callable[[], None]):
+        self._client_for_pubsub = client_for_pubsub
+        self._db = db
+        self._hub = hub
+        self._ring = ring
+        self.probe_key = f"{PROBE_KEY_PREFIX}{uuid.uuid4().hex}"
+        self._probe_channel = keyspace_channel(db, self.probe_key)
+        self._pubsub: redis.client.PubSub | None = None
+        self._fd: int | None = None
+        self._watched: frozenset[str] = frozenset()
+        self._probed_at = float("-inf")  # when the last probe was sent
+        self._heard_at = float("-inf")  # when the last probe was announced to us
+        self._unheard_probes = 0  # probes in a row whose announcement did not come before the next one
+
+    def watch(self, keys: Iterable[str]) -> None:
+        """Be subscribed to the announcements of exactly these lists (a no-op when already so)."""
+        wanted = frozenset(keyspace_channel(self._db, key) for key in keys)
+        if self._pubsub is not None and wanted == self._watched:
+            return
+        try:
+            if self._pubsub is None:
+                self._connect()
+            gone, new = self._watched - wanted, wanted - self._watched
+            if gone:
+                self._pubsub.unsubscribe(*gone)
+            if new:
+                self._pubsub.subscribe(*new)
+            self._watched = wanted
+        except (redis.RedisError, OSError) as exc:
+            self._lost(exc)
+
+    def wants_probe(self) -> bool:
+        """Whether the next empty pop should push to the probe key (and note that it will)."""
+        if self._pubsub is None or monotonic() - self._probed_at < PROBE_INTERVAL:
+            return False
+        self._unheard_probes = self._unheard_probes + 1 if self._heard_at < self._probed_at else 0
+        if self._unheard_probes == UNHEARD_PROBES_TO_SAY_SO:
+            log.warning(
+                "Redis does not announce pushes onto the queues (its notify-keyspace-events needs K and l, and this "
+                "user the %s channels): while idle, this worker polls every KRONOS_POLL_INTERVAL_MS",
+                keyspace_channel(self._db, "*"),
+            )
+        self._probed_at = monotonic()
+        return True
+
+    def heard(self, within: float) -> bool:
+        """Whether a probe was announced in the last `within` seconds: then the subscription works, and an idle
+        channel may wait for a ring."""
+        self._read_pending()
+        return monotonic() - self._heard_at <= within
+
+    def close(self) -> None:
+        if self._fd is not None and self._hub is not None:
+            self._hub.remove_reader(self._fd)
+        self._fd = None
+        if self._pubsub is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._pubsub.close()
+        self._pubsub = None
+        self._watched = frozenset()
+
+    def _connect(self) -> None:
+        self._pubsub = self._client_for_pubsub().pubsub()
+        self._pubsub.subscribe(self._probe_channel)  # connects; the confirmation is read with what follows
+        self._fd = self._pubsub.connection._sock.fileno()
+        self._hub.add_reader(self._fd, self._on_readable)
+
+    def _on_readable(self, *_args) -> None:
+        if self._read_pending():
+            self._ring()
+
+    def _read_pending(self) -> bool:
+        """Everything the connection has for us (what redis-py buffered too); True if a watched list was pushed
+        to."""
+        if self._pubsub is None:
+            return False
+        pushed = False
+        try:
+            while (message := self._pubsub.get_message(timeout=0)) is not None:
+                if message["type"] != "message":
+                    continue
+                channel = message["channel"].decode()
+                if channel == self._probe_channel:
+                    if message["data"] == b"lpush":
+                        self._heard_at = monotonic()
+                elif channel in self._watched:
+                    pushed = True
+        except (redis.RedisError, OSError) as exc:
+            self._lost(exc)
+            return True  # pop now: what happened while the connection went down is unknown
+        return pushed
+
+    def _lost(self, exc: Exception) -> None:
+        log.warning("the subscription to queue announcements was lost (%r); polling until it is back", exc)
+        self.close()
+        self._heard_at = float("-inf")

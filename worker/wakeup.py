@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 # an empty pop probes no more often than this, whatever the poll interval
 PROBE_INTERVAL = 1.0
 UNHEARD_PROBES_TO_SAY_SO = 3
+# What Redis announces when an item lands on a list (a producer's LPUSH, a restore's or a release's RPUSH). Pops
+# are announced too ("rpop"): waking every idle worker again each time one of them takes a job would double
+# the herd.
+PUSH_EVENTS = frozenset({b"lpush", b"rpush", b"linsert", b"lmove", b"rpoplpush"})
 
 
 class Doorbell:
@@ -126,7 +130,7 @@ class Doorbell:
                 if channel == self._probe_channel:
                     if message["data"] == b"lpush":
                         self._heard_at = monotonic()
-                elif channel in self._watched:
+                elif channel in self._watched and message["data"] in PUSH_EVENTS:
                     pushed = True
         except (redis.RedisError, OSError) as exc:
             self._lost(exc)

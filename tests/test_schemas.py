@@ -465,7 +465,7 @@ def test_min_candles_can_go_down_to_two() -> None:
         Limits(min_candles=100, max_candles=50)
 
 
-def test_limits_from_env() -> None:
+def test_limits_from_the_environment() -> None:
     environ = {
         "KRONOS_MAX_CANDLES": "1024",
         "KRONOS_MIN_CANDLES": " 8 ",

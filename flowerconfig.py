@@ -23,24 +23,28 @@ import re
 
 from tornado.options import options as _given  # what the command line and FLOWER_* set before this file
 
-address = os.environ.get("KRONOS_FLOWER_ADDRESS", "").strip() or "127.0.0.1"
-port = int(os.environ.get("KRONOS_FLOWER_PORT", "").strip() or 5555)
+from tasks.settings import FlowerSettings, SettingsError, load
+
+try:
+    _settings = load(FlowerSettings)
+except SettingsError as exc:
+    raise SystemExit(f"flowerconfig.py: {exc}") from None
+
+address = _settings.address
+port = _settings.port
 
 
 def _read_credentials() -> tuple[str, list[str]]:
     """(where they came from, the user:password items) from KRONOS_FLOWER_BASIC_AUTH_FILE or
     KRONOS_FLOWER_BASIC_AUTH; no items when neither is set."""
-    path = os.environ.get("KRONOS_FLOWER_BASIC_AUTH_FILE", "").strip()
-    if path and os.environ.get("KRONOS_FLOWER_BASIC_AUTH", "").strip():
-        raise SystemExit("flowerconfig.py: set KRONOS_FLOWER_BASIC_AUTH_FILE or KRONOS_FLOWER_BASIC_AUTH, not both")
-    if not path:
-        return "KRONOS_FLOWER_BASIC_AUTH", os.environ.get("KRONOS_FLOWER_BASIC_AUTH", "").split(",")
+    if not _settings.basic_auth_file:
+        return "KRONOS_FLOWER_BASIC_AUTH", (_settings.basic_auth or "").split(",")
     try:
-        with open(path) as file:
+        with open(_settings.basic_auth_file) as file:
             return "KRONOS_FLOWER_BASIC_AUTH_FILE", file.read().replace(",", "\n").splitlines()
     except OSError as exc:
         raise SystemExit(
-            f"flowerconfig.py: KRONOS_FLOWER_BASIC_AUTH_FILE: cannot read {path} ({exc.strerror})"
+            f"flowerconfig.py: KRONOS_FLOWER_BASIC_AUTH_FILE: cannot read {_settings.basic_auth_file} ({exc.strerror})"
         ) from None
 
 
@@ -51,15 +55,13 @@ if any(not user or not password for user, _, password in (item.partition(":") fo
     raise SystemExit(f"flowerconfig.py: {_source} must be user:password[,user:password...]")
 if _credentials:
     basic_auth = _credentials
-elif not (_given.basic_auth or _given.auth or os.environ.get("KRONOS_FLOWER_UNAUTHENTICATED") == "1"):
+elif not (_given.basic_auth or _given.auth or _settings.unauthenticated):
     raise SystemExit(
         "flowerconfig.py: refusing to start Flower without authentication: set KRONOS_FLOWER_BASIC_AUTH_FILE to a "
         "file of user:password lines (or KRONOS_FLOWER_UNAUTHENTICATED=1 on a trusted network)"
     )
 
-role = os.environ.get("KRONOS_FLOWER_ROLE", "").strip() or "monitor"
-if role not in ("monitor", "operator"):
-    raise SystemExit(f"flowerconfig.py: KRONOS_FLOWER_ROLE must be monitor or operator, not {role!r}")
+role = _settings.role
 if role == "monitor":
     from tasks.app import app as _app  # the app Flower was started with (`-A tasks.app`)
 
@@ -77,12 +79,12 @@ if role == "monitor":
     enable_events = False  # the workers send events anyway (celeryconfig.py: worker_send_task_events)
 
 persistent = True
-db = os.environ.get("KRONOS_FLOWER_DB", "").strip() or os.path.join(
+db = _settings.db or os.path.join(
     os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "kronos", "flower.db"
 )
 os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
 # Flower counts this in milliseconds; 0 would save only at a clean shutdown, and a killed Flower would lose all.
-state_save_interval = int(float(os.environ.get("KRONOS_FLOWER_STATE_SAVE_INTERVAL", "").strip() or 60) * 1000)
+state_save_interval = int(_settings.state_save_interval * 1000)
 
 tasks_columns = "name,uuid,state,args,worker,received,runtime,retries,exception"
 

@@ -1,21 +1,12 @@
-"""Operator-configurable size limits a worker applies to incoming jobs."""
+"""Operator-configurable size limits a worker applies to incoming jobs.
 
-from __future__ import annotations
+Each field is read from its KRONOS_<FIELD> variable (KRONOS_MAX_CANDLES, ...) with the other settings
+(tasks/settings.py: KronosSettings.limits); this package only defines them and their defaults.
+"""
 
-import os
-from collections.abc import Mapping
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-ENV_VARIABLES = {
-    "max_candles": "KRONOS_MAX_CANDLES",
-    "min_candles": "KRONOS_MIN_CANDLES",
-    "max_pred_len": "KRONOS_MAX_PRED_LEN",
-    "max_sample_count": "KRONOS_MAX_SAMPLE_COUNT",
-    "max_payload_bytes": "KRONOS_MAX_PAYLOAD_BYTES",
-    "max_quantiles": "KRONOS_MAX_QUANTILES",
-}
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Limits(BaseModel):
@@ -38,27 +29,3 @@ class Limits(BaseModel):
         if self.min_candles > self.max_candles:
             raise ValueError(f"min_candles {self.min_candles} exceeds max_candles {self.max_candles}")
         return self
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
-        """Defaults overridden by KRONOS_MAX_* / KRONOS_MIN_CANDLES; a blank variable counts as unset."""
-        values: dict[str, int] = {}
-        for name, variable in ENV_VARIABLES.items():
-            raw = environ.get(variable, "").strip()
-            if not raw:
-                continue
-            try:
-                values[name] = int(raw)
-            except ValueError:
-                raise ValueError(f"{variable}: expected an integer, got {raw!r}") from None
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            # A cross-field error has no field of its own; blame every variable it involves.
-            culprits = [ENV_VARIABLES[str(part)] for part in first["loc"]] or [
-                ENV_VARIABLES["min_candles"],
-                ENV_VARIABLES["max_candles"],
-            ]
-            problem = first["msg"].removeprefix("Value error, ")
-            raise ValueError(f"{' / '.join(culprits)}: {problem}") from None

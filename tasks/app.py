@@ -11,12 +11,6 @@ from pathlib import Path
 from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 
-from tasks.settings import current_settings
-
-# Read now, so that a bad KRONOS_* variable fails the import, naming the variable, not the first send.
-# (Celery itself loads celeryconfig lazily, which also keeps `import celeryconfig` first free of a cycle.)
-current_settings()
-
 # Flower, the operator's tools and producers neither sweep unacknowledged jobs back into the queues nor run
 # Lua, which their Redis users may not do (tasks/monitor_transport.py); a worker sets its own transport
 # (worker/app.py: broker_transport, which wins over the URL's scheme). An alias rather than broker_transport
@@ -35,4 +29,6 @@ if "flower" in sys.argv[1:]:
     os.environ.setdefault("FLOWER_CONF", str(FLOWER_CONFIG))
 
 app = Celery("kronos")
+# Read when the configuration is first needed (a send, a worker's start), not now: importing the app never fails
+# on a bad KRONOS_* variable; the command that needs the settings reports it (tasks/settings.py).
 app.config_from_object("celeryconfig")

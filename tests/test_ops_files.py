@@ -706,7 +706,7 @@ def test_flower_as_the_monitor_sends_no_control_command(monkeypatch, tmp_path):
                              KRONOS_FLOWER_ROLE="operator")  # fmt: skip
     assert "enable_events" not in operator and "_refuse_control" not in operator
     assert getattr(app.control.broadcast, "__func__", None) is type(app.control).broadcast
-    with pytest.raises(SystemExit, match="monitor or operator"):
+    with pytest.raises(SystemExit, match="KRONOS_FLOWER_ROLE must be one of monitor, operator"):
         flower_config(monkeypatch, KRONOS_FLOWER_UNAUTHENTICATED="1", KRONOS_FLOWER_DB=db, KRONOS_FLOWER_ROLE="admin")
 
 

@@ -27,6 +27,7 @@ from schemas import (
     quantile_label,
     validate_job,
 )
+from tasks.settings import SettingsError, load_settings
 
 KLINE_CSV = Path(__file__).parent / "fixtures" / "data" / "kline_5min_2500.csv"
 START = datetime(2024, 6, 18, 9, 30)
@@ -464,7 +465,7 @@ def test_min_candles_can_go_down_to_two() -> None:
         Limits(min_candles=100, max_candles=50)
 
 
-def test_limits_from_env() -> None:
+def test_limits_from_the_environment() -> None:
     environ = {
         "KRONOS_MAX_CANDLES": "1024",
         "KRONOS_MIN_CANDLES": " 8 ",
@@ -473,11 +474,11 @@ def test_limits_from_env() -> None:
         "KRONOS_MAX_PAYLOAD_BYTES": "1_000_000",
         "KRONOS_MAX_QUANTILES": "5",
     }
-    limits = Limits.from_env(environ)
+    limits = load_settings(environ).limits
     assert limits == Limits(
         max_candles=1024, min_candles=8, max_sample_count=32, max_payload_bytes=1_000_000, max_quantiles=5
     )
-    assert Limits.from_env({}) == Limits()
+    assert load_settings({}).limits == Limits()
 
 
 @pytest.mark.parametrize(
@@ -490,8 +491,8 @@ def test_limits_from_env() -> None:
     ids=["not an integer", "out of range", "inconsistent"],
 )
 def test_bad_limits_env_names_the_variable(environ: dict[str, str], named: str) -> None:
-    with pytest.raises(ValueError, match=f"^{re.escape(named)}:"):
-        Limits.from_env(environ)
+    with pytest.raises(SettingsError, match=f"^{re.escape(named)}:"):
+        load_settings(environ)
 
 
 def test_oversized_payload_is_rejected_before_parsing() -> None:

@@ -7,7 +7,6 @@ through KRONOS_REDIS_PASSWORD_FILE. The settings and ssl_options tests need no s
 
 import json
 import os
-import runpy
 import ssl
 import subprocess
 import sys
@@ -24,9 +23,10 @@ from redis_server import RedisServer, TlsUnsupported
 from tls_certs import CertificateError, TlsFiles, make_tls_files
 from worker_process import REPO_ROOT, worker_env
 
+from celeryconfig import celery_settings
 from schemas import ForecastResult
 from tasks.connections import redis_client, ssl_options
-from tasks.settings import KronosSettings, SettingsError, current_settings, load_settings
+from tasks.settings import KronosSettings, SettingsError, load_settings
 
 # Every character that means something in a URL, so that a quoting slip anywhere would break the login.
 PASSWORD = "p@ss:w/rd%41#?&=+ x"
@@ -156,19 +156,13 @@ def test_ssl_options_carry_the_given_files_and_follow_each_url(pem: str, tmp_pat
     assert ssl_options(settings, "redis://elsewhere:6379/0") is None
 
 
-def test_celery_connections_get_the_tls_options(pem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_celery_connections_get_the_tls_options(pem: str) -> None:
     # What every process loads: kombu's broker connection and Celery's Redis backend, built from celeryconfig.
-    for name in [name for name in os.environ if name.startswith("KRONOS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("KRONOS_BROKER_URL", "rediss://redis:6380/0")
-    monkeypatch.setenv("KRONOS_REDIS_TLS_CA_FILE", pem)
-    current_settings.cache_clear()
-    try:
-        config = runpy.run_path(str(REPO_ROOT / "celeryconfig.py"))
-    finally:
-        current_settings.cache_clear()
+    config = celery_settings(
+        load_settings({"KRONOS_BROKER_URL": "rediss://redis:6380/0", "KRONOS_REDIS_TLS_CA_FILE": pem})
+    )
     app = Celery("kronos-tls-config-test", set_as_current=False)
-    app.config_from_object({name: value for name, value in config.items() if name.islower() and name[0] != "_"})
+    app.config_from_object(config)
     broker_ssl = app.connection_for_write().ssl
     backend = app.backend.connparams
     assert broker_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True, "ssl_ca_certs": pem}

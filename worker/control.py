@@ -14,7 +14,6 @@ state says why: in `kronos_model_status`'s reply, the log, the heartbeat's `mode
 `kronos_model_updates_total{outcome="failed"}`.
 """
 
-import dataclasses
 import logging
 import threading
 import time
@@ -80,7 +79,7 @@ class ModelUpdater:
 
     def _update(self, state: dict) -> None:
         wanted = {"predictor": state["predictor"], "predictor_revision": state["revision"]}
-        settings = dataclasses.replace(self.settings, **wanted)
+        settings = self.settings.model_copy(update=wanted)
         try:
             serving = lifecycle.load(settings, max_pred_len=self.max_pred_len)
             lifecycle.check_forecast(serving.engine.forecast([lifecycle.smoke_series()]))

@@ -26,20 +26,18 @@ import redis
 from pydantic import ValidationError
 
 from schemas.heartbeat import HEARTBEAT_KEY, WorkerHeartbeat
+from tasks.connections import redis_client
+from tasks.settings import KronosSettings, SettingsError, current_settings
 
 if TYPE_CHECKING:
-    from tasks.settings import KronosSettings
     from worker.lifecycle import ServingModel  # at run time it would load torch into the health check
 
 log = logging.getLogger(__name__)
 CHECK_TIMEOUT_SECONDS = 5.0  # per Redis call of the health check, well inside Docker's 30 s default
 
 
-def broker_client(settings: "KronosSettings", timeout: float | None = None) -> redis.Redis:
+def broker_client(settings: KronosSettings, timeout: float | None = None) -> redis.Redis:
     """A redis-py client on the broker's DB, with the deployment's socket timeouts unless `timeout` is given."""
-    # Imported here for the reason read_heartbeats gives: importing the tasks package validates every KRONOS_*.
-    from tasks.connections import redis_client
-
     return redis_client(
         settings.broker_url,
         settings,
@@ -222,10 +220,6 @@ def assess(
 
 
 def read_heartbeats() -> dict[bytes, bytes]:
-    # Imported here: the tasks package reads every KRONOS_* variable when imported, and a bad one must fail
-    # the check with its one-line reason, not with a traceback.
-    from tasks.settings import current_settings
-
     with broker_client(current_settings(), timeout=CHECK_TIMEOUT_SECONDS) as client:
         return client.hgetall(HEARTBEAT_KEY)
 
@@ -237,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         fields = read_heartbeats()
-    except (ValueError, redis.RedisError) as exc:  # ValueError: a bad KRONOS_* variable (SettingsError)
+    except (SettingsError, redis.RedisError) as exc:
         print(f"cannot read heartbeats: {exc}")
         return 1
     healthy, line = assess(fields, worker=args.worker, model=args.model, host=socket.gethostname(), now=time.time())

@@ -17,7 +17,7 @@ import time
 
 from celery import bootsteps, signals, states
 
-from schemas import ErrorCode, JobFailed, Limits
+from schemas import ErrorCode, JobFailed
 from tasks.routing import FORECAST_TASK, PRIORITY_STEPS, serving_queues
 from tasks.settings import current_settings
 from worker import control, faults, lifecycle, logs, transport
@@ -97,7 +97,7 @@ class Serving(bootsteps.StartStopStep):
 
     def create(self, w):
         self.settings = current_worker_settings()
-        self.limits = Limits.from_env()
+        self.limits = current_settings().limits
         self.task = w.app.tasks[FORECAST_TASK]
         self.slot = self.batcher = self.circuit = self.leases = None
         self.job_log = logs.JobLog()

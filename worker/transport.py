@@ -54,7 +54,6 @@ from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from schemas import Limits
 from tasks.keys import DELAYED_KEY
 from tasks.replication import REPLICATION_OPTIONS, ChannelWaitsForReplicas
 from tasks.routing import CONSUMPTION_ORDER, serving_queues
@@ -344,7 +343,7 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
 
     @cached_property
     def _max_message_bytes(self) -> int:
-        return admission.max_message_bytes(Limits.from_env().max_payload_bytes)
+        return admission.max_message_bytes(current_settings().limits.max_payload_bytes)
 
     def _refused(self, queue: str, refused: admission.Refused) -> None:
         log.error("refused an item from %s (kept in %s): %s", queue, POISON_KEY, refused.reason)

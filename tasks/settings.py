@@ -1,6 +1,6 @@
 """Deployment settings, read from KRONOS_* environment variables.
 
-Every variable is documented in docs/CONFIGURATION.md (tests/test_celery_config.py keeps the two in step).
+Every variable is documented in docs/CONFIGURATION.md (tests/unit/test_celery_config.py keeps the two in step).
 An unset or blank variable takes its default; an invalid one raises SettingsError naming it.
 """
 

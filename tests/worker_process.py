@@ -29,7 +29,7 @@ def worker_env(base: dict[str, str], **overrides: str) -> dict[str, str]:
         KRONOS_TEST_FAULTS="1",
         KRONOS_MIN_CANDLES="2",
         # Workers start in seconds, not in a compile: the compiled decode step is tested on its own
-        # (tests/test_engine_compile.py) and in one worker (tests/test_worker_startup.py).
+        # (tests/integration/test_engine_compile.py) and in one worker (tests/integration/test_worker_startup.py).
         TORCH_COMPILE_DISABLE="1",
         PYTHONUNBUFFERED="1",
     )

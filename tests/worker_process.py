@@ -118,7 +118,23 @@ class WorkerProcess:
             self.kill()
 
     def __enter__(self) -> "WorkerProcess":
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:  # __exit__ does not run when __enter__ raises
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_launcher(process: subprocess.Popen) -> None:
+    """After a failed test: SIGTERM lets the launcher stop its worker; SIGKILL if it does not."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

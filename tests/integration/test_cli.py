@@ -12,7 +12,7 @@ import kronos_cases as kc
 import numpy as np
 import pytest
 from redis_server import free_port
-from worker_process import REPO_ROOT, serving_env
+from worker_process import REPO_ROOT, serving_env, stop_launcher
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +220,17 @@ def test_worker_command_runs_the_launcher(env):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    lines = []
-    until = time.monotonic() + 60
-    while time.monotonic() < until and not any("ready." in line for line in lines):
-        lines.append(process.stdout.readline())
-    assert lines[0].startswith("starting cpu: KRONOS_DEVICE=cpu -m celery -A worker.app worker"), "".join(lines)
-    assert any("ready." in line for line in lines), "".join(lines)
-    process.send_signal(signal.SIGTERM)  # reaches the launcher itself: the CLI process became it
-    assert process.wait(30) == 0
+    try:
+        lines = []
+        until = time.monotonic() + 60
+        while time.monotonic() < until and not any("ready." in line for line in lines):
+            lines.append(process.stdout.readline())
+        assert lines[0].startswith("starting cpu: KRONOS_DEVICE=cpu -m celery -A worker.app worker"), "".join(lines)
+        assert any("ready." in line for line in lines), "".join(lines)
+        process.send_signal(signal.SIGTERM)  # reaches the launcher itself: the CLI process became it
+        assert process.wait(30) == 0
+    finally:
+        stop_launcher(process)
 
 
 def test_demo_command_runs_the_demo_module(env):

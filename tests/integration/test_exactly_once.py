@@ -134,12 +134,9 @@ def test_a_lost_ack_redelivers_the_job_and_the_model_does_not_run_it_again():
         env = reliable_env(server)
         app = producer(env)
         request = job(3, series_id="fault:exit-after-result")
-        doomed = WorkerProcess(env, name="doomed").start().wait_ready()
-        try:
+        with WorkerProcess(env, name="doomed") as doomed:
             submit(request, celery_app=app)
             assert doomed.wait_exit(60) == 17  # died after storing the result, before the ack
-        finally:
-            doomed.stop()
         first = outcome(server, request.job_id)
         assert first["status"] == "SUCCESS" and server.client(0).hlen("unacked") == 1
         with WorkerProcess({**env, "KRONOS_METRICS_PORT": str(port)}, name="second"):

@@ -80,12 +80,12 @@ def test_a_serving_worker_is_healthy_until_it_stops(server, env):
 
 def test_a_killed_worker_goes_stale_and_fails_the_check(server, env):
     worker_name = f"hb2@{HOST}"
-    worker = WorkerProcess(dict(env, KRONOS_METRICS_PORT="0"), name="hb2").start().wait_ready()
-    try:
-        wait_until(lambda: (beat := heartbeat(server, worker_name)) is not None and beat.ready)
-        assert health(env, "--worker", worker_name).returncode == 0
-    finally:
-        worker.kill()  # SIGKILL: no shutdown, the field stays behind
+    with WorkerProcess(dict(env, KRONOS_METRICS_PORT="0"), name="hb2") as worker:
+        try:
+            wait_until(lambda: (beat := heartbeat(server, worker_name)) is not None and beat.ready)
+            assert health(env, "--worker", worker_name).returncode == 0
+        finally:
+            worker.kill()  # SIGKILL: no shutdown, the field stays behind
     assert heartbeat(server, worker_name) is not None
     time.sleep(3 * INTERVAL + 1)
     result = health(env, "--worker", worker_name)

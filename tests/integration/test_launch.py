@@ -7,7 +7,7 @@ import sys
 import time
 
 from redis_server import RedisServer
-from worker_process import REPO_ROOT, worker_env
+from worker_process import REPO_ROOT, stop_launcher, worker_env
 
 
 def test_launcher_starts_a_cpu_worker_and_stops_it_on_sigterm():
@@ -20,10 +20,13 @@ def test_launcher_starts_a_cpu_worker_and_stops_it_on_sigterm():
             [sys.executable, "-m", "worker.launch", "--cpu", "--", "-l", "info", "--without-mingle"],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        lines = []
-        until = time.monotonic() + 60
-        while time.monotonic() < until and not any("ready." in line for line in lines):
-            lines.append(launcher.stdout.readline())
-        assert any("cpu@" in line and "ready." in line for line in lines), "".join(lines)
-        launcher.send_signal(signal.SIGTERM)
-        assert launcher.wait(30) == 0
+        try:
+            lines = []
+            until = time.monotonic() + 60
+            while time.monotonic() < until and not any("ready." in line for line in lines):
+                lines.append(launcher.stdout.readline())
+            assert any("cpu@" in line and "ready." in line for line in lines), "".join(lines)
+            launcher.send_signal(signal.SIGTERM)
+            assert launcher.wait(30) == 0
+        finally:
+            stop_launcher(launcher)

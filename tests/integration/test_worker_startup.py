@@ -44,7 +44,10 @@ def test_worker_that_cannot_load_its_model_exits_without_taking_jobs(tmp_path, o
         assert queued(server) == 1
 
         sick = WorkerProcess(env, name="sick").start()
-        assert sick.wait_exit(60) == 3
+        try:
+            assert sick.wait_exit(60) == 3
+        finally:
+            sick.stop()  # if it did not exit
         assert "cannot load model" in sick.log() and reason in sick.log()
         assert queued(server) == 1, "the job must stay queued"
         assert job.state == "PENDING"

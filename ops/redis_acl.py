@@ -34,7 +34,7 @@ and written as its SHA-256 (`#<hex>`), which Redis compares against. A missing p
 Commands inside Lua scripts are checked too, which is why the worker's list names what its scripts call.
 A running script holds every other client off (BUSY), so only the worker may load or run one; the other
 roles' kombu processes keep their bindings without scripts (tasks/monitor_transport.py).
-Key patterns follow the names in tasks/ and worker/; tests/test_security_acl.py runs a real worker,
+Key patterns follow the names in tasks/ and worker/; tests/integration/test_security_acl.py runs a real worker,
 producers and Flower against a redis-server started with this file.
 """
 

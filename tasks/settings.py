@@ -7,7 +7,7 @@ them all, from the environment or from a given mapping, and turns the first inva
 of one line naming the variable. Nothing is read at import: a process reads its settings when it first needs
 them (current_settings()), so a bad variable stops the command or the worker with that line, not an import.
 
-Every variable is documented in docs/CONFIGURATION.md (tests/test_settings_doc.py keeps the two in step).
+Every variable is documented in docs/CONFIGURATION.md (tests/unit/test_settings_doc.py keeps the two in step).
 An unset or blank variable takes its default.
 """
 

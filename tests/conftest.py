@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole test suite."""
+"""Fixtures shared by the whole test suite, and the tier markers of its two folders."""
 
 import os
 from collections.abc import Iterator
@@ -11,7 +11,23 @@ from redis_server import RedisServer, strict_json_violations
 # (read by torch when it is first imported, and inherited by worker subprocesses).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+REPO_ROOT = TESTS.parent
+# Each folder is a tier, selected with `python -m pytest -m unit` or `-m integration` (README, Tests).
+TIERS = ("unit", "integration")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks every test with the tier of its folder, so that a test cannot leave a tier's selection by
+    forgetting a marker. A test module outside both folders is an error: it would silently run in neither."""
+    for item in items:
+        path = item.path.resolve()
+        if not path.is_relative_to(TESTS):  # a test file named on the command line from elsewhere
+            continue
+        tier = path.relative_to(TESTS).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.path}: test modules go in tests/unit or tests/integration")
+        item.add_marker(tier)
 
 
 @pytest.fixture(scope="session", autouse=True)

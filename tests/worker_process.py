@@ -29,7 +29,7 @@ def worker_env(base: dict[str, str], **overrides: str) -> dict[str, str]:
         KRONOS_TEST_FAULTS="1",
         KRONOS_MIN_CANDLES="2",
         # Workers start in seconds, not in a compile: the compiled decode step is tested on its own
-        # (tests/test_engine_compile.py) and in one worker (tests/test_worker_startup.py).
+        # (tests/integration/test_engine_compile.py) and in one worker (tests/integration/test_worker_startup.py).
         TORCH_COMPILE_DISABLE="1",
         PYTHONUNBUFFERED="1",
     )
@@ -118,7 +118,23 @@ class WorkerProcess:
             self.kill()
 
     def __enter__(self) -> "WorkerProcess":
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:  # __exit__ does not run when __enter__ raises
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_launcher(process: subprocess.Popen) -> None:
+    """After a failed test: SIGTERM lets the launcher stop its worker; SIGKILL if it does not."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

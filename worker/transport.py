@@ -60,7 +60,7 @@ from tasks.routing import CONSUMPTION_ORDER, serving_queues
 from tasks.settings import current_settings
 from worker import admission, delayed
 from worker.settings import current_worker_settings
-from worker.wakeup import PROBE_INTERVAL, Doorbell
+from worker.wakeup import POP_AGAIN, PROBE_INTERVAL, WAIT_FOR_RING, Doorbell
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             MAX_POISON,
             self._max_message_bytes,
             DELAYED_KEY,
-            self._doorbell.probe_key if self._doorbell is not None and self._doorbell.wants_probe() else "",
+            self._doorbell.probe_key if self._doorbell is not None and self._doorbell.popping() else "",
             *(queue for _, queue in pairs),
         )
 
@@ -305,15 +305,20 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
 
     def _rest(self, next_due: float | None) -> None:
         """Pop again on a ring, or after the poll interval where Redis announces nothing; else after the idle
-        recheck, or when the next delayed job (`next_due`, a time() value) is due if that is sooner. The wake-up
-        is set here, while the event loop handles this reply, because the loop computes how long it may sleep
+        recheck, or when the next delayed job (`next_due`, a time() value) is due if that is sooner; or, when a
+        push was announced while this pop ran, after this worker's stagger (worker/wakeup.py). The wake-up is
+        set here, while the event loop handles this reply, because the loop computes how long it may sleep
         before it asks the channels to poll."""
         worker = current_worker_settings()
         interval = worker.poll_interval
-        if self._doorbell is not None and self._doorbell.heard(within=worker.idle_recheck + PROBE_INTERVAL):
-            interval = worker.idle_recheck
-            if next_due is not None:
-                interval = max(worker.poll_interval, min(interval, next_due - time()))
+        if self._doorbell is not None:
+            then = self._doorbell.after_empty_pop(heard_within=worker.idle_recheck + PROBE_INTERVAL)
+            if then == POP_AGAIN:
+                interval = self._doorbell.stagger
+            elif then == WAIT_FOR_RING:
+                interval = worker.idle_recheck
+                if next_due is not None:
+                    interval = max(worker.poll_interval, min(interval, next_due - time()))
         self._idle_until = monotonic() + interval
         if self.connection.hub is not None:
             self.connection.wake_after(interval)

@@ -45,7 +45,7 @@ QUICK_UNCACHED_STEPS = 24
 CONTENDED_BELOW = 0.9
 MIB = 1024 * 1024
 
-# NeoQuasar/Kronos-Tokenizer-base and NeoQuasar/Kronos-small (see shared/KRONOS_INFERENCE.md)
+# NeoQuasar/Kronos-Tokenizer-base and NeoQuasar/Kronos-small (their published config.json files)
 TOKENIZER = TokenizerConfig(
     d_in=6, d_model=256, n_heads=4, ff_dim=512, n_enc_layers=4, n_dec_layers=4, s1_bits=10, s2_bits=10
 )

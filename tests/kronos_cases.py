@@ -1,4 +1,5 @@
-"""The reference parity fixtures (tests/fixtures/kronos-parity, copied from shared/) as engine inputs."""
+"""The reference parity fixtures (tests/fixtures/kronos-parity: what the reference Kronos code read and gave)
+as engine inputs."""
 
 import json
 from functools import cache

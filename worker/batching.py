@@ -11,7 +11,7 @@ for out-of-memory, which a smaller batch may cure; one by one for anything else,
 so only the job that fails on its own gets the error. An out-of-memory error also lowers the largest batch
 gathered from then on (worker/memory.py), which grows back after a run of successful batches.
 celery-batches was the other candidate; it pins
-Celery < 5.7 and acknowledges a whole batch even when it raised (shared/notes, section 8).
+Celery < 5.7 and acknowledges a whole batch even when it raised.
 """
 
 import itertools

@@ -399,7 +399,8 @@ def hub_outcomes(tmp_path_factory) -> dict:
         "HF_HOME": str(home),
         "HF_HUB_CACHE": str(home / "hub"),
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
+        # the scenarios import this module's helpers by name, and its own helpers in tests/
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), str(Path(__file__).parent)]),
     }
     done = subprocess.run(
         [sys.executable, "-c", LOAD_SCENARIOS, json.dumps(HUB_SCENARIOS)],

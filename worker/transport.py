@@ -189,6 +189,7 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
     _idle_until = 0.0  # after a pop that found nothing: no pop before this monotonic time
     _pending = "EVAL"
     _doorbell: Doorbell | None = None  # with an event loop: the announcements of pushes onto the queues
+    _watched_queues: tuple[str, ...] = ()
 
     def __init__(self, *args, **kwargs):
         # delivery tags the pop script has recorded in `unacked`, until QoS.append takes them (QoS above)
@@ -238,8 +239,10 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
         if self._doorbell is None:
             db = self.pool.connection_kwargs.get("db", 0)
             self._doorbell = Doorbell(lambda: self.Client(connection_pool=self.pool), db, hub, self._ring)
-        self._doorbell.watch(self._q_for_pri(queue, priority) for queue in self.active_queues
-                             for priority in CONSUMPTION_ORDER)  # fmt: skip
+        queues = tuple(self.active_queues)
+        if queues != self._watched_queues or not self._doorbell.subscribed:  # this runs on every loop round
+            self._doorbell.watch(self._q_for_pri(queue, priority) for queue in queues for priority in CONSUMPTION_ORDER)
+            self._watched_queues = queues
 
     def _ring(self) -> None:
         """A watched list was pushed to: pop on the event loop's next round."""

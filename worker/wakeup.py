@@ -73,11 +73,19 @@ class Doorbell:
         self._probed_at = float("-inf")  # when the last probe was sent
         self._heard_at = float("-inf")  # when the last probe was announced to us
         self._unheard_probes = 0  # probes in a row whose announcement did not come before the next one
+        self._lost_at = float("-inf")
+
+    @property
+    def subscribed(self) -> bool:
+        return self._pubsub is not None
 
     def watch(self, keys: Iterable[str]) -> None:
-        """Be subscribed to the announcements of exactly these lists (a no-op when already so)."""
+        """Be subscribed to the announcements of exactly these lists (a no-op when already so). After a lost
+        subscription, tried again at most once a PROBE_INTERVAL."""
         wanted = frozenset(keyspace_channel(self._db, key) for key in keys)
         if self._pubsub is not None and wanted == self._watched:
+            return
+        if self._pubsub is None and monotonic() - self._lost_at < PROBE_INTERVAL:
             return
         try:
             if self._pubsub is None:
@@ -171,3 +179,4 @@ class Doorbell:
         log.warning("the subscription to queue announcements was lost (%r); polling until it is back", exc)
         self.close()
         self._heard_at = float("-inf")
+        self._lost_at = monotonic()

@@ -5,6 +5,7 @@ thing, with redis-server and workers, is tests/integration/test_idle_workers.py.
 import redis
 
 from tasks.keys import keyspace_channel
+from worker import wakeup
 from worker.wakeup import POLL, POP_AGAIN, WAIT_FOR_RING, Doorbell
 
 QUEUE = "kronos.kronos-small"
@@ -133,7 +134,7 @@ def test_a_heard_probe_lets_an_idle_channel_wait_until_it_is_stale():
     assert bell.after_empty_pop(heard_within=0) == POLL
 
 
-def test_a_lost_subscription_pops_and_polls_until_it_is_back():
+def test_a_lost_subscription_pops_and_polls_until_it_is_back(monkeypatch):
     bell, pubsub, loop, _ = doorbell()
     pubsub.announce(keyspace_channel(0, bell.probe_key), "lpush")
     assert bell.after_empty_pop(heard_within=10) == WAIT_FOR_RING
@@ -142,5 +143,9 @@ def test_a_lost_subscription_pops_and_polls_until_it_is_back():
     assert not loop.readers and not pubsub.subscribed
     pubsub.fail_next_read = False
     assert bell.after_empty_pop(heard_within=10) == POLL
-    bell.watch([QUEUE])  # the channel's next pop subscribes again
-    assert CHANNEL in pubsub.subscribed and 42 in loop.readers
+    bell.watch([QUEUE])  # not at once: a Redis that is away is not asked again on every loop round
+    assert not bell.subscribed
+    later = wakeup.monotonic() + wakeup.PROBE_INTERVAL
+    monkeypatch.setattr(wakeup, "monotonic", lambda: later)
+    bell.watch([QUEUE])  # the channel's next pop, a second later, subscribes again
+    assert bell.subscribed and CHANNEL in pubsub.subscribed and 42 in loop.readers

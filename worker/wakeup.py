@@ -8,9 +8,11 @@ Redis can announce list writes itself: with `notify-keyspace-events` holding K (
 commands) it publishes "lpush" or "rpush" on `__keyspace@<db>__:<key>` for every push, whoever makes it (a
 producer's client in any language, the visibility-timeout sweep, the release of a delayed job). A Doorbell
 subscribes to the lists of its channel's queues on a connection of its own that Celery's event loop watches,
-and rings (the channel pops) when one is announced. The announcement is only a wake-up: the pop stays the
-atomic script, so a missed one costs time, never a job. Hence an idle channel still pops every
-KRONOS_IDLE_RECHECK_SECONDS, and when its next delayed job is due.
+and rings (the channel pops) when one is announced, after a stagger of its own (WAKE_SPREAD) and only if the
+item was not announced taken meanwhile, so that one push does not make every idle worker pop. A push announced
+while an empty pop ran is popped again at once: the pop may have run before it. The announcement is only a
+wake-up: the pop stays the atomic script, so a missed one costs time, never a job. Hence an idle channel still
+pops every KRONOS_IDLE_RECHECK_SECONDS, and when its next delayed job is due.
 
 That announcements arrive is checked, never assumed: an empty pop pushes to a key of the channel's own
 (kronos:wake-probe:<id>, in the same script, and deletes it) at most once a second, and the Doorbell counts as

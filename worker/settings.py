@@ -95,7 +95,7 @@ class WorkerSettings(KronosBaseSettings):
     )
     # seconds an idle worker waits between two looks at its queues where Redis announces nothing
     poll_interval: Milliseconds = Field(0.01, alias="POLL_INTERVAL_MS")
-    # seconds an idle worker that hears announcements waits at most between two looks
+    # seconds an idle worker that does not listen waits for a wake-up token at most between two looks
     idle_recheck: PositiveSeconds = Field(5.0, alias="IDLE_RECHECK_SECONDS")
     # Seconds a running job's claim lasts unless renewed (renewed every third of it). A copy of a running job
     # waits for its lease to lapse, held in a worker like a delayed job: so the lease stays below the visibility

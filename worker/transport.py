@@ -18,9 +18,11 @@ unacknowledged in a second, separate write, so a message popped while Redis shut
 already in the AOF, the reply never reaches the worker) vanishes. Here one Lua script pops the
 highest-priority message and records it in `unacked`/`unacked_index` exactly as kombu's QoS.append
 does, atomically; if the reply is lost the sweep requeues it. A script cannot block, so after a pop that
-found nothing the channel waits for Redis to announce a push onto one of its lists (worker/wakeup.py), for
-its next delayed job to be due, or for KRONOS_IDLE_RECHECK_SECONDS; where Redis announces nothing it pops
-again after KRONOS_POLL_INTERVAL_MS. (Not a BLPOP with a short timeout: Redis checks blocking timeouts on its
+found nothing the channel waits (worker/wakeup.py): as its group's listener, for Redis to announce a push onto
+one of its lists, for its next delayed job to be due, or for its lease's renewal; as any other idle worker of
+the group, in a BLPOP on the group's wake list, for a token (or for KRONOS_IDLE_RECHECK_SECONDS); with jobs in
+flight, for an announcement, an ack, or the recheck. Where Redis announces nothing the listener pops again
+after KRONOS_POLL_INTERVAL_MS. (Never a BLPOP with a short timeout: Redis checks blocking timeouts on its
 10-per-second cron, so a 5 ms BLPOP waits about 100 ms.)
 
 Identity and admission. A message's delivery_info (exchange, routing key) is written by whoever pushed it,
@@ -58,9 +60,9 @@ from tasks.keys import DELAYED_KEY
 from tasks.replication import REPLICATION_OPTIONS, ChannelWaitsForReplicas
 from tasks.routing import CONSUMPTION_ORDER, serving_queues
 from tasks.settings import current_settings
-from worker import admission, delayed
+from worker import admission, delayed, wakeup
 from worker.settings import current_worker_settings
-from worker.wakeup import POP_AGAIN, PROBE_INTERVAL, WAIT_FOR_RING, Doorbell
+from worker.wakeup import POP_AGAIN, PROBE_INTERVAL, WAIT_FOR_RING, WAIT_FOR_TOKEN, Doorbell
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,9 @@ IDLE_SLACK = 0.002
 message_refused = Signal(name="kronos_message_refused", providing_args={"queue", "reason", "job_id"})
 
 # KEYS: the queues' lists in consumption order; ARGV: unacked hash, unacked index, now, poison list, poison cap,
-# largest item in bytes, the delayed set, the wake-up probe's key or '' (worker/wakeup.py), then the queue of
-# each key. First the delayed jobs that are due go
+# largest item in bytes, the delayed set, the wake-up probe's key or '', the group's five (wakeup.GROUP_LUA; ''
+# and four ignored values for a channel without a Doorbell), then from ARGV[14] the queue of each key. First the
+# delayed jobs that are due go
 # back onto their lists (worker/delayed.py). The entry is what kombu's QoS.append writes, [raw message,
 # exchange, routing key], with the queue popped from as both exchange and routing key (each queue has a direct
 # exchange of its own name), and the raw JSON kept byte for byte (decoding and re-encoding in Lua would turn
@@ -86,11 +89,13 @@ message_refused = Signal(name="kronos_message_refused", providing_args={"queue",
 # tag is already in flight (its record would replace another message's: a producer could aim that at another's
 # job). Nor is an item larger than the limit decoded at all (cjson would hold Redis, and the worker its copy,
 # for seconds): all go to the poison list here (a large one cut to its first 4 KiB), and the reply says so:
-# {key, false}. When every list is empty: {false, false, when the next delayed job is due (or false)}, after
-# a push to the probe key, if one is given, that the channel's subscription should hear announced.
+# {key, false}. A pop that takes an item hands on (wakeup.GROUP_LUA). When every list is empty: {false, false,
+# when the next delayed job is due (or false), the channel's role in its group (or false)}, after a push to the
+# probe key, if one is given, that the channel's subscription should hear announced.
 POP_AND_RECORD = (
     "local delayed, now = ARGV[7], ARGV[3]\n"
     + delayed.RELEASE_DUE_LUA
+    + wakeup.GROUP_LUA
     + """
 for i, key in ipairs(KEYS) do
   local item = redis.call('RPOP', key)
@@ -104,9 +109,10 @@ for i, key in ipairs(KEYS) do
       item = string.sub(item, 1, 4096)
     end
     if type(tag) == 'string' and tag ~= '' and redis.call('HEXISTS', ARGV[1], tag) == 0 then
-      local queue = cjson.encode(ARGV[8 + i])
+      local queue = cjson.encode(ARGV[13 + i])
       redis.call('ZADD', ARGV[2], ARGV[3], tag)
       redis.call('HSET', ARGV[1], tag, '[' .. item .. ',' .. queue .. ',' .. queue .. ']')
+      hand_on()
       return {key, item, tag}
     end
     redis.call('LPUSH', ARGV[4], item)
@@ -119,7 +125,7 @@ if ARGV[8] ~= '' then
   redis.call('DEL', ARGV[8])
 end
 local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')[2]
-return {false, false, next_due or false}
+return {false, false, next_due or false, listen_or_wait()}
 """
 )
 
@@ -171,12 +177,23 @@ class QoS(redis.QoS):
             super().ack(delivery_tag)
         except AttributeError as exc:
             self._left_to_sweep(f"the ack of {delivery_tag}", exc)
+        self._after_settling()
 
     def reject(self, delivery_tag, requeue=False):
         try:
             super().reject(delivery_tag, requeue=requeue)
         except AttributeError as exc:
             self._left_to_sweep(f"the reject of {delivery_tag}", exc)
+        self._after_settling()
+
+    def _after_settling(self) -> None:
+        """A channel whose last job in flight is settled pops on the event loop's next round (which comes
+        within a second: kombu refreshes its bindings every second), not at its recheck: found empty, it is
+        idle and joins its group's listener or waiters (worker/wakeup.py). This runs in the pool thread that
+        ran the job, so it only sets the time."""
+        channel = self.channel
+        if isinstance(channel, Channel) and channel._doorbell is not None and channel._is_idle():
+            channel._idle_until = 0.0
 
     @staticmethod
     def _left_to_sweep(what: str, exc: Exception) -> None:
@@ -187,8 +204,9 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
     QoS = QoS
     from_transport_options = redis.Channel.from_transport_options + REPLICATION_OPTIONS
     _idle_until = 0.0  # after a pop that found nothing: no pop before this monotonic time
+    _token_wait: float | None = None  # the next round sends a BLPOP on the group's wake list, with this timeout
     _pending = "EVAL"
-    _doorbell: Doorbell | None = None  # with an event loop: the announcements of pushes onto the queues
+    _doorbell: Doorbell | None = None  # with an event loop: this channel's part in its group (worker/wakeup.py)
     _watched_queues: tuple[str, ...] = ()
 
     def __init__(self, *args, **kwargs):
@@ -213,11 +231,17 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             return  # a ring, or the wake-up set when the last pop found nothing, brings the event loop back here
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
+        if self._token_wait is not None and hub is not None:  # another worker listens: wait for a token
+            self._pending = "BLPOP"
+            self.client.connection.send_command("BLPOP", self._doorbell.wake_key, self._token_wait)
+            self._token_wait = None
+            return
         if idle > IDLE_SLACK:  # no event loop: wait in Redis (never a timeout of 0, which blocks for good)
             self._pending = "BLPOP"
             self.client.connection.send_command("BLPOP", IDLE_KEY, idle)
             return
         pairs = [(self._q_for_pri(queue, priority), queue) for queue in queues for priority in CONSUMPTION_ORDER]
+        group = ["", "", "", "", "", ""] if self._doorbell is None else self._doorbell.pop_arguments(self._is_idle())
         self._pending = "EVAL"
         self.client.connection.send_command(
             "EVAL",
@@ -231,16 +255,21 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             MAX_POISON,
             self._max_message_bytes,
             DELAYED_KEY,
-            self._doorbell.probe_key if self._doorbell is not None and self._doorbell.popping() else "",
+            *group,
             *(queue for _, queue in pairs),
         )
+
+    def _is_idle(self) -> bool:
+        """No job of this channel's is in flight (delivered, not yet acknowledged)."""
+        prefetch = self.qos.prefetch_count
+        return not prefetch or self.qos.can_consume_max_estimate() >= prefetch
 
     def _watch_queues(self, hub) -> None:
         if self._doorbell is None:
             db = self.pool.connection_kwargs.get("db", 0)
             self._doorbell = Doorbell(lambda: self.Client(connection_pool=self.pool), db, hub, self._ring)
         queues = tuple(self.active_queues)
-        if queues != self._watched_queues or not self._doorbell.subscribed:  # this runs on every loop round
+        if queues != self._watched_queues or not self._doorbell.connected:  # this runs on every loop round
             self._doorbell.watch(self._q_for_pri(queue, priority) for queue in queues for priority in CONSUMPTION_ORDER)
             self._watched_queues = queues
 
@@ -251,6 +280,7 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
     def close(self):
         if self._doorbell is not None:
             self._doorbell.close()
+            self._doorbell.resign()
         super().close()
 
     def _brpop_read(self, **options):
@@ -260,9 +290,18 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next round reconnects
                 raise
+            except self.ResponseError as exc:
+                if self._pending != "BLPOP":
+                    raise
+                # a master demoted while this waited ("UNBLOCKED ... master -> replica"): pop, which finds the
+                # new master or fails as a lost connection
+                log.warning("the wait for a wake-up token ended: %s", exc)
+                self.client.connection.disconnect()
+                raise redis.Empty() from None
             if self._pending == "BLPOP" or not reply or reply[0] is None:
                 if self._pending == "EVAL":
-                    self._rest(float(reply[2]) if reply and reply[2] is not None else None)
+                    next_due, role = reply[2:4] if reply else (None, None)
+                    self._rest(None if next_due is None else float(next_due), role and bytes_to_str(role))
                 raise redis.Empty()
             key, item, *tag = reply
             queue, _, priority = bytes_to_str(key).partition(self.sep)
@@ -306,20 +345,26 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             log.exception("could not park delayed job %s; the visibility-timeout sweep will bring it back",
                           message["headers"]["id"])  # fmt: skip
 
-    def _rest(self, next_due: float | None) -> None:
-        """Pop again on a ring, or after the poll interval where Redis announces nothing; else after the idle
-        recheck, or when the next delayed job (`next_due`, a time() value) is due if that is sooner; or, when a
-        push was announced while this pop ran, after this worker's stagger (worker/wakeup.py). The wake-up is
-        set here, while the event loop handles this reply, because the loop computes how long it may sleep
-        before it asks the channels to poll."""
+    def _rest(self, next_due: float | None, role: str | None) -> None:
+        """After an empty pop, by the channel's `role` in its group (worker/wakeup.py): wait for a token; or pop
+        again on a ring, or after the poll interval where Redis announces nothing; else after the recheck, or
+        when the next delayed job (`next_due`, a time() value) is due if that is sooner; or, when a push was
+        announced while this pop ran, after this worker's ring delay. The wake-up is set here, while the event
+        loop handles this reply, because the loop computes how long it may sleep before it asks the channels to
+        poll."""
         worker = current_worker_settings()
         interval = worker.poll_interval
         if self._doorbell is not None:
-            then = self._doorbell.after_empty_pop(heard_within=worker.idle_recheck + PROBE_INTERVAL)
+            then = self._doorbell.after_empty_pop(role, heard_within=worker.idle_recheck + PROBE_INTERVAL)
+            if then == WAIT_FOR_TOKEN:
+                # kombu drops a BLPOP as stale after brpop_timeout + health_check_interval: wait less than that
+                self._token_wait = min(worker.idle_recheck, self.health_check_interval or worker.idle_recheck)
+                self._idle_until = 0.0
+                return
             if then == POP_AGAIN:
-                interval = self._doorbell.stagger
+                interval = self._doorbell.ring_delay
             elif then == WAIT_FOR_RING:
-                interval = worker.idle_recheck
+                interval = self._doorbell.recheck(worker.idle_recheck)
                 if next_due is not None:
                     interval = max(worker.poll_interval, min(interval, next_due - time()))
         self._idle_until = monotonic() + interval
@@ -399,18 +444,16 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
 class Transport(redis.Transport):
     Channel = Channel
     hub = None  # Celery's event loop, once the worker registers this transport with it
-    _wake_at = 0.0
 
     def register_with_event_loop(self, connection, loop):
         self.hub = loop
         super().register_with_event_loop(connection, loop)
 
     def wake_after(self, seconds: float) -> None:
-        """Have the event loop run a round (and so poll the channels) `seconds` from now."""
-        now = monotonic()
-        if now < self._wake_at <= now + seconds:
-            return  # a round is due before then anyway
-        self._wake_at = now + seconds
+        """Have the event loop run a round (and so poll the channels) `seconds` from now. Always a timer of its
+        own, even when a round is due sooner: that round finds the channel still idle, and a timer it set then
+        would not shorten the loop's sleep (the loop reads its timers before it asks the channels to poll), so
+        the channel would sleep until an unrelated timer, up to a second."""
         self.hub.call_later(seconds, _next_round)
 
     def _deliver(self, message, queue):

@@ -1,4 +1,5 @@
-"""Idle workers wait for Redis to announce a push onto their queues instead of asking every few milliseconds.
+"""Idle workers wait for a push onto their queues instead of asking Redis every few milliseconds, and one push
+wakes one of them, not all.
 
 The pop (worker/transport.py) is a Lua script, so that taking a job and recording it as unacknowledged are
 one step; a script cannot block, so an idle worker used to run it every KRONOS_POLL_INTERVAL_MS: about a
@@ -6,22 +7,39 @@ hundred scripts a second per idle worker, on the one thread Redis runs every com
 
 Redis can announce list writes itself: with `notify-keyspace-events` holding K (keyspace channels) and l (list
 commands) it publishes "lpush" or "rpush" on `__keyspace@<db>__:<key>` for every push, whoever makes it (a
-producer's client in any language, the visibility-timeout sweep, the release of a delayed job). A Doorbell
-subscribes to the lists of its channel's queues on a connection of its own that Celery's event loop watches,
-and rings (the channel pops) when one is announced, after a stagger of its own (WAKE_SPREAD) and only if the
-item was not announced taken meanwhile, so that one push does not make every idle worker pop. A push announced
-while an empty pop ran is popped again at once: the pop may have run before it. The announcement is only a
-wake-up: the pop stays the atomic script, so a missed one costs time, never a job. Hence an idle channel still
-pops every KRONOS_IDLE_RECHECK_SECONDS, and when its next delayed job is due.
+producer's client in any language, the visibility-timeout sweep, the release of a delayed job). But when
+every idle worker listens, every push wakes every idle worker's process to take one job (on a host running
+twenty workers that herd costs more pickup latency than it saves). So the idle workers of a group (those
+serving the same queues) share the work out:
 
-That announcements arrive is checked, never assumed: an empty pop pushes to a key of the channel's own
-(kronos:wake-probe:<id>, in the same script, and deletes it) at most once a second, and the Doorbell counts as
-heard only while those pushes are announced to it. Where they are not (a Redis without Kl, an ACL without the
-channels, a subscription lost to a failover), the channel polls every KRONOS_POLL_INTERVAL_MS as before, says
-so once in its log, and keeps probing.
+- the listener, one per group, holds the lease kronos:listener:<group> (renewed by its pops, at least every
+  LISTENER_RENEW), is subscribed to the queues' announcements through a Doorbell, and pops at once when it
+  hears a push;
+- every other idle worker of the group waits in a BLPOP on kronos:wake:<group>. Redis hands each item pushed
+  there to one blocked client, so a token wakes exactly one worker.
+
+Who listens and who waits is decided inside the pop script (LISTEN_OR_WAIT_LUA, after a pop found nothing):
+the lease goes to whoever finds it free, so a group always regains a listener. A pop that takes an item
+(HAND_ON_LUA) gives the lease up if it held it and pushes one token per item still queued, and one more if the
+group has no listener then: a woken worker pops, and either takes a job (handing on in turn) or becomes the
+listener. A listener that stops (Channel.close) resigns the same way; one that is killed loses its lease
+within LISTENER_LEASE, and the next waiter whose BLPOP times out (KRONOS_IDLE_RECHECK_SECONDS) takes over.
+
+A worker with jobs in flight and room for more is not idle: it keeps listening on its own, as every worker
+did before, and pops after a stagger of its own (WAKE_SPREAD) and only if the item was not announced taken
+meanwhile, so an idle listener takes a new job first and the busy worker's batch only what is left.
+
+A push announced while an empty pop ran is popped again at once: the pop may have run before it. The
+announcement and the token are only wake-ups: the pop stays the atomic script, so a missed one costs time,
+never a job. That announcements arrive is checked, never assumed: an empty pop pushes to a key of the
+channel's own (kronos:wake-probe:<id>, in the same script, and deletes it) at most once a second, and the
+Doorbell counts as heard only while those pushes are announced to it. Where they are not (a Redis without Kl,
+an ACL without the channels, a subscription lost to a failover), the listener polls every
+KRONOS_POLL_INTERVAL_MS, says so once in its log, and keeps probing; the others still wait for tokens.
 """
 
 import contextlib
+import hashlib
 import logging
 import random
 import uuid
@@ -30,7 +48,7 @@ from time import monotonic
 
 import redis
 
-from tasks.keys import PROBE_KEY_PREFIX, keyspace_channel
+from tasks.keys import LISTENER_KEY_PREFIX, PROBE_KEY_PREFIX, WAKE_KEY_PREFIX, keyspace_channel
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +59,90 @@ UNHEARD_PROBES_TO_SAY_SO = 3
 # when one leaves it (every pop, LMOVE included, is announced as one of these).
 PUSH_EVENTS = frozenset({b"lpush", b"rpush", b"linsert"})
 POP_EVENTS = frozenset({b"lpop", b"rpop"})
-# Every idle worker hears every push, and one job needs one pop. So a worker waits up to this long (its own
-# fraction of it, drawn once) before it pops, and does not pop if the item was announced taken meanwhile: one
-# or two workers of an idle fleet pop per job instead of all of them (each empty pop is a script in Redis and a
-# wake-up on the worker's host), at the cost of at most this much pickup latency.
+# A busy worker listening beside its group's listener waits up to this long (its own fraction of it, drawn
+# once) before it pops, and does not pop if the item was announced taken meanwhile.
 WAKE_SPREAD = 0.004
+# The listener's lease: a listener killed without resigning is replaced within this plus a waiter's recheck.
+LISTENER_LEASE = 3.0
+# An idle listener pops at least this often (renewing its lease), whatever KRONOS_IDLE_RECHECK_SECONDS says.
+LISTENER_RENEW = LISTENER_LEASE / 3
+# Tokens on a group's wake list at most: a burst wakes this many waiters at once; the rest as they hand on.
+MAX_TOKENS = 32
+
+# The pop script's lines for the group (worker/transport.py runs them): ARGV[9] the lease key ('' for a channel
+# without a Doorbell: no group), ARGV[10] the wake list, ARGV[11] this channel's id, ARGV[12] the lease in
+# milliseconds, ARGV[13] '1' when the channel has no job in flight. hand_on() runs after the pop took an item,
+# listen_or_wait() after it found none and returns the channel's role: 'listen', 'wait', or false (not idle).
+GROUP_LUA = f"""
+local lease, wake, me, lease_ms, idle = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13] == '1'
+local function hand_on()
+  if lease == '' then return end
+  if redis.call('GET', lease) == me then redis.call('DEL', lease) end
+  local queued = 0
+  for _, key in ipairs(KEYS) do queued = queued + redis.call('LLEN', key) end
+  if redis.call('EXISTS', lease) == 0 and queued == 0 then queued = 1 end
+  local tokens = math.min(queued, {MAX_TOKENS}) - redis.call('LLEN', wake)
+  for _ = 1, tokens do redis.call('LPUSH', wake, '1') end
+  if tokens > 0 then redis.call('PEXPIRE', wake, lease_ms) end
+end
+local function listen_or_wait()
+  if lease == '' or not idle then return false end
+  local holder = redis.call('GET', lease)
+  if holder and holder ~= me then return 'wait' end
+  redis.call('SET', lease, me, 'PX', lease_ms)
+  return 'listen'
+end
+"""
+# A listener that stops hands its lease on. KEYS: the lease, the wake list; ARGV: its id, the lease in ms.
+RESIGN = f"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('LLEN', KEYS[2]) < {MAX_TOKENS} then redis.call('LPUSH', KEYS[2], '1') end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# The pop script's role for a channel that found its lists empty
+LISTEN, WAIT = "listen", "wait"
 
 # What an idle channel does after a pop found every list empty:
-POP_AGAIN = "pop again"  # a push was announced since that pop was sent: pop after this worker's stagger
+POP_AGAIN = "pop again"  # just subscribed, or a push was announced since the pop was sent: pop after ring_delay
 WAIT_FOR_RING = "wait for a ring"  # announcements arrive: wait for one (or for the recheck)
+WAIT_FOR_TOKEN = "wait for a token"  # another worker listens: BLPOP the wake list
 POLL = "poll"  # announcements do not arrive: poll
+
+# How a channel's Doorbell stands
+LISTENING = "listening"  # the group's listener: subscribed, rings at once
+WAITING = "waiting"  # another worker listens: not subscribed to the queues
+BUSY = "busy"  # jobs in flight: subscribed, rings after its stagger
+
+
+def group_of(keys: Iterable[str]) -> str:
+    """The group of the channels that watch exactly these lists."""
+    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
 class Doorbell:
-    """One channel's subscription to its queues' announcements. `hub` is Celery's event loop, `ring` what to
-    call when a watched list holds an item no one has taken yet; `client_for_pubsub()` gives a client whose
-    pubsub() reaches the broker's current master (the channel's pool: it follows Sentinel)."""
+    """One channel's part in its group: its subscription to its queues' announcements, its lease keys, its
+    state. `hub` is Celery's event loop, `ring` what to call when a watched list holds an item no one has
+    taken yet; `client()` gives a client of the channel's pool (it reaches the broker's current master: it
+    follows Sentinel), whose pubsub() the subscription uses."""
 
-    def __init__(self, client_for_pubsub: Callable[[], redis.Redis], db: int, hub, ring: Callable[[], None]):
-        self._client_for_pubsub = client_for_pubsub
+    def __init__(self, client: Callable[[], redis.Redis], db: int, hub, ring: Callable[[], None]):
+        self._client = client
         self._db = db
         self._hub = hub
         self._ring = ring
-        self.probe_key = f"{PROBE_KEY_PREFIX}{uuid.uuid4().hex}"
+        self.id = uuid.uuid4().hex
+        self.probe_key = f"{PROBE_KEY_PREFIX}{self.id}"
         self._probe_channel = keyspace_channel(db, self.probe_key)
         self.stagger = WAKE_SPREAD * random.random()
+        self.lease_key = self.wake_key = ""
+        self.state = WAITING
         self._pubsub: redis.client.PubSub | None = None
         self._fd: int | None = None
-        self._watched: frozenset[str] = frozenset()
+        self._wanted: frozenset[str] = frozenset()  # the channels of the watched lists
+        self._subscribed: frozenset[str] = frozenset()  # those of them this connection is subscribed to
         # per watched list, the items announced pushed minus those announced taken since this channel's last pop
         self._untaken: dict[str, int] = {}
         self._ring_due = False  # a ring is scheduled after the stagger
@@ -78,30 +152,89 @@ class Doorbell:
         self._lost_at = float("-inf")
 
     @property
-    def subscribed(self) -> bool:
+    def connected(self) -> bool:
         return self._pubsub is not None
 
+    @property
+    def ring_delay(self) -> float:
+        return 0.0 if self.state == LISTENING else self.stagger
+
     def watch(self, keys: Iterable[str]) -> None:
-        """Be subscribed to the announcements of exactly these lists (a no-op when already so). After a lost
-        subscription, tried again at most once a PROBE_INTERVAL."""
-        wanted = frozenset(keyspace_channel(self._db, key) for key in keys)
-        if self._pubsub is not None and wanted == self._watched:
+        """Watch exactly these lists: their group's keys, and (unless waiting) their announcements. After a lost
+        subscription, connecting is tried again at most once a PROBE_INTERVAL."""
+        keys = tuple(keys)
+        group = group_of(keys)
+        self.lease_key, self.wake_key = f"{LISTENER_KEY_PREFIX}{group}", f"{WAKE_KEY_PREFIX}{group}"
+        self._wanted = frozenset(keyspace_channel(self._db, key) for key in keys)
+        self._subscribe()
+
+    def pop_arguments(self, idle: bool) -> list[str | int]:
+        """ARGV[8..13] of the pop script (worker/transport.py): the probe key when this pop should push to it (at
+        most once a PROBE_INTERVAL), else ''; then GROUP_LUA's."""
+        probe = self.probe_key if self._probe_now() else ""
+        return [probe, self.lease_key, self.wake_key, self.id, int(LISTENER_LEASE * 1000), "1" if idle else "0"]
+
+    def after_empty_pop(self, role: str | None, heard_within: float) -> str:
+        """What to do once a pop found nothing, given the role the script gave (LISTEN, WAIT, or None when this
+        channel has jobs in flight): WAIT_FOR_TOKEN when another worker listens; POP_AGAIN if this channel has just
+        subscribed, or a push was announced since the pop was sent (it may have come after the pop ran); else
+        WAIT_FOR_RING while a probe was announced in the last `heard_within` seconds, else POLL."""
+        self.state = {LISTEN: LISTENING, WAIT: WAITING}.get(role, BUSY)
+        if self.state == WAITING:
+            self._subscribe()
+            return WAIT_FOR_TOKEN
+        if self._subscribe() or self._read_pending() or self._has_untaken():
+            return POP_AGAIN
+        return WAIT_FOR_RING if monotonic() - self._heard_at <= heard_within else POLL
+
+    def recheck(self, idle_recheck: float) -> float:
+        """Seconds an idle channel waiting for a ring waits at most before it pops anyway."""
+        return min(idle_recheck, LISTENER_RENEW) if self.state == LISTENING else idle_recheck
+
+    def resign(self) -> None:
+        """Hand the lease on if this channel holds it (it stops): a waiter wakes and takes it."""
+        if not self.lease_key:
             return
+        try:
+            self._client().eval(RESIGN, 2, self.lease_key, self.wake_key, self.id, int(LISTENER_LEASE * 1000))
+        except Exception as exc:  # a channel torn down by a lost connection has no client: the lease lapses
+            log.debug("could not resign the listener's lease (%r); it lapses within %s s", exc, LISTENER_LEASE)
+
+    def close(self) -> None:
+        if self._fd is not None and self._hub is not None:
+            self._hub.remove_reader(self._fd)
+        self._fd = None
+        if self._pubsub is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._pubsub.close()
+        self._pubsub = None
+        self._subscribed = frozenset()
+
+    def _subscribe(self) -> bool:
+        """Be subscribed to the watched lists' announcements unless waiting, and to none of them while waiting.
+        Returns whether it subscribed to any just now (pushes before that went unheard)."""
         if self._pubsub is None and monotonic() - self._lost_at < PROBE_INTERVAL:
-            return
+            return False
+        wanted = frozenset() if self.state == WAITING else self._wanted
+        if self._pubsub is not None and wanted == self._subscribed:
+            return False
         try:
             if self._pubsub is None:
                 self._connect()
-            gone, new = self._watched - wanted, wanted - self._watched
+            gone, new = self._subscribed - wanted, wanted - self._subscribed
             if gone:
                 self._pubsub.unsubscribe(*gone)
+                for channel in gone:
+                    self._untaken.pop(channel, None)
             if new:
                 self._pubsub.subscribe(*new)
-            self._watched = wanted
+            self._subscribed = wanted
         except (redis.RedisError, OSError) as exc:
             self._lost(exc)
+            return False
+        return bool(new)
 
-    def popping(self) -> bool:
+    def _probe_now(self) -> bool:
         """The channel is sending a pop, which takes whatever was announced so far. Returns whether that pop
         should push to the probe key (at most once a PROBE_INTERVAL)."""
         self._untaken.clear()
@@ -117,32 +250,17 @@ class Doorbell:
         self._probed_at = monotonic()
         return True
 
-    def after_empty_pop(self, heard_within: float) -> str:
-        """What to do once a pop found nothing: POP_AGAIN if a push was announced since it was sent (it may have
-        come after the pop ran), else WAIT_FOR_RING while a probe was announced in the last `heard_within`
-        seconds, else POLL."""
-        if self._read_pending() or self._has_untaken():
-            return POP_AGAIN
-        return WAIT_FOR_RING if monotonic() - self._heard_at <= heard_within else POLL
-
-    def close(self) -> None:
-        if self._fd is not None and self._hub is not None:
-            self._hub.remove_reader(self._fd)
-        self._fd = None
-        if self._pubsub is not None:
-            with contextlib.suppress(redis.RedisError, OSError):
-                self._pubsub.close()
-        self._pubsub = None
-        self._watched = frozenset()
-
     def _connect(self) -> None:
-        self._pubsub = self._client_for_pubsub().pubsub()
+        self._pubsub = self._client().pubsub()
         self._pubsub.subscribe(self._probe_channel)  # connects; the confirmation is read with what follows
         self._fd = self._pubsub.connection._sock.fileno()
         self._hub.add_reader(self._fd, self._on_readable)
 
     def _on_readable(self, *_args) -> None:
         if not (self._read_pending() or self._has_untaken()) or self._ring_due:
+            return
+        if self.state == LISTENING:
+            self._ring()
             return
         self._ring_due = True
         self._hub.call_later(self.stagger, self._ring_if_untaken)
@@ -168,9 +286,9 @@ class Doorbell:
                 if channel == self._probe_channel:
                     if event == b"lpush":
                         self._heard_at = monotonic()
-                elif channel in self._watched and event in PUSH_EVENTS:
+                elif channel in self._subscribed and event in PUSH_EVENTS:
                     self._untaken[channel] = self._untaken.get(channel, 0) + 1
-                elif channel in self._watched and event in POP_EVENTS:
+                elif channel in self._subscribed and event in POP_EVENTS:
                     self._untaken[channel] = max(0, self._untaken.get(channel, 0) - 1)
         except (redis.RedisError, OSError) as exc:
             self._lost(exc)

@@ -34,8 +34,9 @@ announcement and the token are only wake-ups: the pop stays the atomic script, s
 never a job. That announcements arrive is checked, never assumed: an empty pop pushes to a key of the
 channel's own (kronos:wake-probe:<id>, in the same script, and deletes it) at most once a second, and the
 Doorbell counts as heard only while those pushes are announced to it. Where they are not (a Redis without Kl,
-an ACL without the channels, a subscription lost to a failover), the listener polls every
-KRONOS_POLL_INTERVAL_MS, says so once in its log, and keeps probing; the others still wait for tokens.
+an ACL without the channels, a subscription lost to a failover or made to a master just demoted), the listener
+polls every KRONOS_POLL_INTERVAL_MS, says so once in its log, subscribes again on a new connection after three
+unheard probes (then every thirty), and keeps probing; the others still wait for tokens.
 """
 
 import contextlib
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 
 # an empty pop probes no more often than this, whatever the poll interval
 PROBE_INTERVAL = 1.0
-UNHEARD_PROBES_TO_SAY_SO = 3
+UNHEARD_PROBES_TO_SAY_SO = 3  # and to subscribe again on a new connection; then every this many:
+UNHEARD_PROBES_TO_RESUBSCRIBE = 30
 # What Redis announces when an item lands on a list (a producer's LPUSH, a restore's or a release's RPUSH), and
 # when one leaves it (every pop, LMOVE included, is announced as one of these).
 PUSH_EVENTS = frozenset({b"lpush", b"rpush", b"linsert"})
@@ -247,6 +249,13 @@ class Doorbell:
                 "user the %s channels): while idle, this worker polls every KRONOS_POLL_INTERVAL_MS",
                 keyspace_channel(self._db, "*"),
             )
+        unheard = self._unheard_probes
+        if unheard == UNHEARD_PROBES_TO_SAY_SO or (unheard > 0 and unheard % UNHEARD_PROBES_TO_RESUBSCRIBE == 0):
+            # The subscription may be on a server that is no longer the master (it connected while Sentinel still
+            # named the old one): connect again (through the pool, which asks Sentinel) and probe from there.
+            self.close()
+            self._lost_at = monotonic()
+            return False
         self._probed_at = monotonic()
         return True
 

@@ -200,3 +200,28 @@ def test_a_lost_subscription_pops_and_polls_until_it_is_back(monkeypatch):
     monkeypatch.setattr(wakeup, "monotonic", lambda: later)
     bell.watch([QUEUE])  # the channel's next pop, a second later, subscribes again
     assert bell.connected and CHANNEL in pubsub.subscribed and 42 in loop.readers
+
+
+def test_unheard_probes_make_it_subscribe_again_on_a_new_connection(monkeypatch):
+    """A subscription made while Sentinel still named the demoted master hears nothing the new one announces:
+    after a few unheard probes the Doorbell connects again (through the pool, which asks Sentinel)."""
+    clock = [1000.0]
+    monkeypatch.setattr(wakeup, "monotonic", lambda: clock[0])
+    pubsub, loop, connections = ScriptedPubSub(), EventLoop(), []
+
+    def connect():
+        connections.append(clock[0])
+        return pubsub
+
+    client = type("Client", (), {"pubsub": lambda self: connect()})()
+    bell = Doorbell(lambda: client, 0, loop, lambda: None)
+    bell.watch([QUEUE])
+    bell.after_empty_pop(LISTEN, heard_within=10)
+    probes = []
+    for _ in range(wakeup.UNHEARD_PROBES_TO_SAY_SO + 2):  # one pop a second, no probe ever announced
+        clock[0] += wakeup.PROBE_INTERVAL
+        probes.append(bell.pop_arguments(idle=True)[0] != "")
+        assert bell.after_empty_pop(LISTEN, heard_within=10) in (POLL, POP_AGAIN)
+    assert len(connections) == 2
+    assert probes == [True] * wakeup.UNHEARD_PROBES_TO_SAY_SO + [False, False]  # none while reconnecting
+    assert pubsub.subscribed == {CHANNEL, keyspace_channel(0, bell.probe_key)} and 42 in loop.readers

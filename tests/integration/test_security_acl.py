@@ -249,6 +249,10 @@ def test_the_worker_user_hears_pushes_onto_its_queues_and_producers_do_not(serve
     with connect(server, secrets, "alpha") as alpha:
         assert refused(alpha, "SUBSCRIBE", channel)
         assert refused(alpha, "PSUBSCRIBE", "__keyspace@0__:*")
+        # nor wake idle workers, nor take or drop a queue group's listener lease
+        assert refused(alpha, "LPUSH", "kronos:wake:0123456789abcdef", "1")
+        assert refused(alpha, "SET", "kronos:listener:0123456789abcdef", "forged")
+        assert refused(alpha, "DEL", "kronos:listener:0123456789abcdef")
 
 
 def test_a_producer_is_refused_administration_and_other_producers_data(server, secrets, clients):
@@ -309,8 +313,9 @@ def test_a_job_id_outside_the_producers_namespace_is_never_run_nor_stored(
         chained = forecast_envelope("alpha:with-callback", queue_of("alpha"), callbacks=[{"task": "celery.map"}])
         alpha.lpush(f"{queue_of('alpha')}\x06\x165", chained)
     wait_for(lambda: admin.llen(POISON_KEY) == poison_before + 2, what="both messages quarantined")
+    # alpha's own id: refused, never run, and answered so that alpha learns why (stored after the quarantine)
+    wait_for(lambda: admin_results.exists("celery-task-meta-alpha:with-callback"), what="the refusal answered")
     assert admin_results.get(f"celery-task-meta-{victim.id}") == before  # beta's result untouched
-    # alpha's own id: refused, never run, and answered so that alpha learns why
     refusal = json.loads(admin_results.get("celery-task-meta-alpha:with-callback"))
     assert refusal["status"] == "FAILURE" and "follow-up work" in refusal["result"]["exc_message"][0]["message"]
     assert victim.id in " ".join(admin.lrange(POISON_KEY, 0, 1))

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench.harness import code_version, cpu_model
 from model import KronosEngine, SeriesInput
 from model.config import PredictorConfig, TokenizerConfig
 from model.kronos import KronosPredictor, KronosTokenizer, prefill
@@ -511,30 +512,6 @@ def profile_decode(engine: KronosEngine, candles: pd.DataFrame, rows: int, top: 
 
 
 # ---- report ---------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def code_version() -> dict:
-    """The commit measured, and whether the engine's files differed from it (read-only git calls)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    changed = git("status", "--porcelain", "--", "model")
-    return {"commit": git("rev-parse", "HEAD"), "model_changes_uncommitted": changed.splitlines() if changed else []}
 
 
 def machine(threads: int) -> dict:

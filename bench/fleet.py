@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.harness import REPO, RedisServer, WorkerProcess, kronos_cases, worker_env
+from bench.harness import REPO, RedisServer, WorkerProcess, code_version, cpu_model, kronos_cases, worker_env
 from tasks.client import KronosClient
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "fleet",
         "command": "python -m bench.fleet " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform()},
+        "code": code_version(("schemas", "tasks", "worker", "celeryconfig.py")),
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ tests/redis_server.py (a throwaway redis-server on a free port) and tests/worker
 this puts tests/ on the path once so that bench modules import them by name.
 """
 
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +21,8 @@ __all__ = [
     "REPO",
     "RedisServer",
     "WorkerProcess",
+    "code_version",
+    "cpu_model",
     "kronos_cases",
     "proc_status_kib",
     "producer_app",
@@ -38,3 +42,28 @@ def proc_status_kib(pid: int, field: str) -> int | None:
 
 def rss_kib(pid: int) -> int | None:
     return proc_status_kib(pid, "VmRSS")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def code_version(paths: tuple[str, ...] = ("model",)) -> dict:
+    """The commit measured, and whether the files under `paths` (the engine's, unless told) differed from it
+    (read-only git calls)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--", *paths)
+    return {"commit": git("rev-parse", "HEAD"), "changes_uncommitted": changed.splitlines() if changed else []}

@@ -111,8 +111,8 @@ class ForecastRequest(BaseModel):
     def _check_pred_len_horizon(self) -> None:
         if self.pred_len is None:
             raise field_error("pred_len", "either pred_len or future_timestamps is required")
-        offset = self._future_offset()
-        last = self._candle_index()[-1]
+        index = self._candle_index()
+        offset, last = self._future_offset(index), index[-1]
         if horizon_end(last, offset, self.pred_len) is None:
             raise field_error(
                 "pred_len",
@@ -143,10 +143,10 @@ class ForecastRequest(BaseModel):
     def _candle_index(self) -> pd.DatetimeIndex:
         return to_datetime_index(self.candles.timestamps)
 
-    def _future_offset(self) -> BaseOffset:
+    def _future_offset(self, index: pd.DatetimeIndex) -> BaseOffset:
         if self.freq is not None:
             return parse_freq(self.freq)
-        offset = infer_offset(self._candle_index())
+        offset = infer_offset(index)
         if offset is None:
             raise field_error("freq", "cannot be inferred from a single candle; give freq, e.g. '5min'")
         return offset
@@ -159,7 +159,8 @@ class ForecastRequest(BaseModel):
     def resolved_future_timestamps(self) -> pd.DatetimeIndex:
         if self.future_timestamps is not None:
             return to_datetime_index(self.future_timestamps)
-        return future_index(self._candle_index()[-1], self._future_offset(), self.pred_len)
+        index = self._candle_index()
+        return future_index(index[-1], self._future_offset(index), self.pred_len)
 
     def check_limits(self, limits: Limits) -> None:
         """Raise `JobFailed` (INVALID_INPUT) for the first limit this request exceeds."""

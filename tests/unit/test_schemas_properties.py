@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pandas.tseries.frequencies import to_offset
 
 from schemas import CANDLE_COLUMNS, ErrorCode, ForecastRequest, JobFailed, Limits, job_digest, validate_job
+from schemas.horizon import infer_offset, to_datetime_index
 
 REQUEST_FIELDS = sorted(ForecastRequest.model_fields)
 LIMITS = Limits(min_candles=2)
@@ -138,3 +142,51 @@ def test_generated_valid_jobs_are_accepted_and_round_trip(
     arrived = validate_job(json.dumps(sent), LIMITS)
     assert job_digest(arrived) == job_digest(request) == job_digest(ForecastRequest.model_validate(payload))
     assert job_digest(request.model_copy(update={"seed": 7})) != job_digest(request.model_copy(update={"seed": 8}))
+
+
+# --- the inferred frequency ------------------------------------------------------------------------
+
+# Steps that pandas' inference treats specially (whole days, business hours' 17 h and 65 h gaps) and plain
+# intraday ones, so that generated indexes hit every branch of it.
+_STEPS = [timedelta(**{unit: n}) for unit, n in [("minutes", 5), ("minutes", 90), ("seconds", 15), ("hours", 1),
+                                                  ("hours", 17), ("hours", 65), ("days", 1), ("days", 3),
+                                                  ("days", 7), ("days", 31), ("microseconds", 1500)]]  # fmt: skip
+_CALENDAR_FREQS = ["5min", "1h", "D", "B", "MS", "ME", "W-FRI", "bh", "QS", "YS", "15s", "1500ms", "SME", "2D"]
+_ZONES = [None, UTC, timezone(timedelta(hours=5, minutes=30)), ZoneInfo("America/New_York")]
+
+
+def _inferred_by_pandas(index: pd.DatetimeIndex):
+    """What infer_offset answered before it read the steps itself: pandas' inference, else the most common
+    step (ties to the smallest)."""
+    if len(index) >= 3 and (inferred := pd.DatetimeIndex(index, freq="infer").freq) is not None:
+        return inferred
+    counts = (index[1:] - index[:-1]).value_counts()
+    return to_offset(counts[counts == counts.max()].index.min())
+
+
+@st.composite
+def candle_timestamps(draw) -> list[datetime]:
+    zone = draw(st.sampled_from(_ZONES))
+    start = draw(st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2100, 1, 1)))
+    start = start.replace(tzinfo=zone) if zone is not None else start
+    if draw(st.booleans()):  # a calendar range, perhaps with rows missing
+        freq = draw(st.sampled_from(_CALENDAR_FREQS))
+        stamps = list(pd.date_range(start, periods=draw(st.integers(2, 40)), freq=freq).to_pydatetime())
+        kept = draw(st.lists(st.booleans(), min_size=len(stamps), max_size=len(stamps)))
+        thinned = [stamp for stamp, keep in zip(stamps, kept, strict=True) if keep]
+        stamps = thinned if len(thinned) >= 2 and draw(st.booleans()) else stamps
+    else:  # steps drawn from the special ones
+        steps = draw(st.lists(st.sampled_from(_STEPS), min_size=1, max_size=40))
+        stamps = [start]
+        for step in steps:
+            stamps.append(stamps[-1] + step)
+    return stamps
+
+
+@THOROUGH
+@given(candle_timestamps())
+def test_the_inferred_frequency_is_pandas_inference_or_the_most_common_step(stamps: list[datetime]) -> None:
+    index = to_datetime_index(stamps)
+    expected = _inferred_by_pandas(index)
+    inferred = infer_offset(index)
+    assert inferred == expected and inferred.freqstr == expected.freqstr

@@ -22,7 +22,15 @@ import pandas as pd
 import torch
 
 from model.errors import InvalidInputError, ModelLoadError
-from model.kronos import KronosPredictor, KronosTokenizer, decode_one_token, prefill, use_onednn
+from model.kronos import (
+    KronosPredictor,
+    KronosTokenizer,
+    decode_one_token,
+    prefill,
+    send_one_row_to_torch,
+    torch_is_faster_for_one_row,
+    use_onednn,
+)
 from model.loading import (
     DEFAULT_MAX_CONTEXT,
     PUBLISHED_MODELS,
@@ -153,11 +161,16 @@ class KronosEngine:
         info: ModelInfo | None = None,
         compile: bool = False,
         onednn: bool = True,
+        one_row: str = "onednn",
     ):
         """`compile=True` compiles the decode step and warms it up here, so that no forecast pays for it;
         where compile is unavailable or fails, the engine runs eager and `info.decode_path` says why.
         `onednn` (CPU, float32 / bfloat16): the predictor's linear layers run through oneDNN on packed weights
-        (model.kronos.OneDNNLinear); the predictor given is changed in place."""
+        (model.kronos.OneDNNLinear); the predictor given is changed in place. `one_row` says where their one-row
+        products (a batch-1 decode step's) go: "onednn", "torch" (PyTorch's own linear), or "fastest", measured
+        here on this CPU (what `load` asks for)."""
+        if one_row not in ("onednn", "torch", "fastest"):
+            raise ValueError(f"one_row must be 'onednn', 'torch' or 'fastest', not {one_row!r}")
         if tokenizer.config.s1_bits != predictor.config.s1_bits:
             raise ModelLoadError(
                 f"tokenizer codes have {tokenizer.config.s1_bits} bits but the predictor expects "
@@ -175,6 +188,9 @@ class KronosEngine:
         linears = ""
         if onednn and self.device.type == "cpu" and precision in ("float32", "bfloat16") and use_onednn(predictor):
             linears = ", oneDNN linears"
+            if one_row == "torch" or (one_row == "fastest" and torch_is_faster_for_one_row(predictor)):
+                send_one_row_to_torch(predictor)
+                linears += " (PyTorch's for one row)"
         # set before the compile: the warm-up forecasts name the precision in their results
         self.info = dataclasses.replace(
             info or ModelInfo("<in memory>", None, "<in memory>", None), precision=precision, decode_path="eager"
@@ -218,6 +234,7 @@ class KronosEngine:
         max_context: int | None = None,
         offline: bool = False,
         compile: bool = True,
+        one_row: str = "fastest",
         **options,
     ) -> "KronosEngine":
         """Load from a published name (kronos-small), a Hub repo id or a local directory.
@@ -226,7 +243,8 @@ class KronosEngine:
         unless the model's spec says otherwise); max_context defaults to the model's and may only shrink.
         dtype "float32" is exact; "bfloat16", "float16" (GPU) and "int8" (CPU: dynamic int8 linears) are an
         opt-in faster predictor whose results differ (docs/ENGINE.md) and name it. The decode step is compiled
-        here (see `KronosEngine`) unless `compile=False`.
+        here (see `KronosEngine`) unless `compile=False`, and the faster path for one-row products is measured
+        (`one_row`).
         """
         spec = PUBLISHED_MODELS.get(predictor) or next(
             (s for s in PUBLISHED_MODELS.values() if s.predictor == predictor), None
@@ -251,6 +269,7 @@ class KronosEngine:
             max_context=max_context,
             info=ModelInfo(predictor_ckpt.ref, predictor_ckpt.revision, tokenizer_ckpt.ref, tokenizer_ckpt.revision),
             compile=compile,
+            one_row=one_row,
             **options,
         )
 

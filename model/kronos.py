@@ -12,6 +12,7 @@ nothing back to the host, so that it compiles as one graph (torch.compile, CUDA 
 """
 
 import math
+import time
 import weakref
 
 import torch
@@ -73,7 +74,12 @@ class OneDNNLinear(nn.Linear):
 
     PyTorch's float32 GEMM goes through MKL, which on some CPUs (AMD EPYC) takes a path 2-3x slower than
     oneDNN's for the same products, at batch 1 as for whole windows; results agree to float32 rounding.
+    On others (an Intel Xeon VM) MKL is the faster one for a single row, oneDNN from about 16 rows up:
+    `torch_for_one_row` (`send_one_row_to_torch`) sends one-row products, a batch-1 decode step's, to
+    PyTorch's own linear.
     """
+
+    torch_for_one_row = False
 
     @classmethod
     def pack(cls, linear: nn.Linear) -> "OneDNNLinear":
@@ -85,6 +91,10 @@ class OneDNNLinear(nn.Linear):
         return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a static branch in a compiled graph: torch specializes a dimension of size 1, and takes a dynamic
+        # one to be at least 2
+        if self.torch_for_one_row and math.prod(x.shape[:-1]) == 1:
+            return F.linear(x, self.weight, self.bias)
         return onednn_linear(x, self.weight, self.bias)
 
 
@@ -109,6 +119,30 @@ def use_onednn(module: nn.Module) -> bool:
     for parent, name, linear in packed:
         setattr(parent, name, linear)
     return True
+
+
+def torch_is_faster_for_one_row(module: nn.Module, repeats: int = 15) -> bool:
+    """Whether the one-row products of `module`'s OneDNNLinear layers run faster through PyTorch's own linear
+    than through oneDNN on this CPU: both timed in turn, best of `repeats` each (a burst of load on the machine
+    hits both alike). About 10 ms for Kronos-small."""
+    linears = [child for child in module.modules() if isinstance(child, OneDNNLinear)]
+    rows = [torch.randn(1, linear.in_features, dtype=linear.weight.dtype) for linear in linears]
+
+    def seconds(product) -> float:
+        started = time.perf_counter()
+        for linear, x in zip(linears, rows, strict=True):
+            product(x, linear.weight, linear.bias)
+        return time.perf_counter() - started
+
+    with torch.inference_mode():
+        timings = [(seconds(F.linear), seconds(onednn_linear)) for _ in range(repeats + 1)][1:]  # first: warm-up
+    return min(through_torch for through_torch, _ in timings) < min(through_onednn for _, through_onednn in timings)
+
+
+def send_one_row_to_torch(module: nn.Module) -> None:
+    for linear in module.modules():
+        if isinstance(linear, OneDNNLinear):
+            linear.torch_for_one_row = True
 
 
 def fuse_on_load(module: nn.Module, fused: str, parts: tuple[str, ...]) -> None:

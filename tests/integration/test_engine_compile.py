@@ -1,24 +1,29 @@
 """The compiled decode step computes what the eager one does, is built at load, and falls back to eager."""
 
+import time
+
 import kronos_cases as kc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_engine_parity import CASE_NAMES, assert_matches_case
 from torch._dynamo.utils import counters
 
-from model import KronosEngine
+from model import KronosEngine, kronos
 from model import engine as engine_module
+from model.kronos import OneDNNLinear
 from model.loading import load_predictor, load_tokenizer, locate
 
 
-def new_engine(max_context: int = 512, compile: bool = True, onednn: bool = True) -> KronosEngine:
+def new_engine(max_context: int = 512, compile: bool = True, onednn: bool = True, one_row: str = "onednn"):
     return KronosEngine(
         load_tokenizer(locate(str(kc.PARITY / "tokenizer"))),
         load_predictor(locate(str(kc.PARITY / "predictor"))),
         max_context=max_context,
         compile=compile,
         onednn=onednn,
+        one_row=one_row,
     )
 
 
@@ -80,10 +85,59 @@ def test_compile_disabled_by_torch_is_reported():
         assert new_engine().info.decode_path.startswith("eager (torch.compile disabled, TORCH_COMPILE_DISABLE)")
 
 
-def test_eager_is_the_default_of_the_constructor_and_load_compiles():
+@pytest.mark.parametrize("torch_is_faster", [True, False])
+def test_eager_is_the_default_of_the_constructor_and_load_compiles(monkeypatch, torch_is_faster):
     assert new_engine(compile=False).info.decode_path == "eager, oneDNN linears"
+    measured = []
+
+    def measure(module) -> bool:
+        measured.append(module)
+        return torch_is_faster
+
+    monkeypatch.setattr(engine_module, "torch_is_faster_for_one_row", measure)
     loaded = KronosEngine.load(str(kc.PARITY / "predictor"), str(kc.PARITY / "tokenizer"), device="cpu")
-    assert loaded.info.decode_path == "compiled (inductor), oneDNN linears"
+    assert measured == [loaded.predictor]  # load measures which path one-row products take on this CPU
+    one_row = " (PyTorch's for one row)" if torch_is_faster else ""
+    assert loaded.info.decode_path == "compiled (inductor), oneDNN linears" + one_row
+    routed = {linear.torch_for_one_row for linear in loaded.predictor.modules() if isinstance(linear, OneDNNLinear)}
+    assert routed == {torch_is_faster}
+
+
+def test_one_row_products_go_to_pytorch_and_the_others_to_onednn(monkeypatch):
+    engine = new_engine(compile=False, one_row="torch")
+    calls = []
+
+    def onednn_linear(x, weight, bias):
+        calls.append(x.shape)
+        return F.linear(x, weight, bias)
+
+    monkeypatch.setattr(kronos, "onednn_linear", onednn_linear)
+    linear = engine.predictor.head.proj_s1
+    assert linear.torch_for_one_row
+    one, many = torch.randn(1, linear.in_features), torch.randn(3, 5, linear.in_features)
+    torch.testing.assert_close(linear(one), F.linear(one, linear.weight, linear.bias), rtol=0, atol=0)
+    linear(one[None])
+    linear(many)
+    assert calls == [many.shape]  # the [1, 1, d] row too went to PyTorch's linear
+
+
+def test_the_measurement_picks_the_faster_path(monkeypatch):
+    """It times both paths on the engine's own weights: slow one of them down and the other wins."""
+    predictor = new_engine(compile=False).predictor
+    real_onednn, real_linear = kronos.onednn_linear, F.linear
+
+    def slowed(product):
+        def slow(*args):
+            time.sleep(0.001)
+            return product(*args)
+
+        return slow
+
+    monkeypatch.setattr(kronos, "onednn_linear", slowed(real_onednn))
+    assert kronos.torch_is_faster_for_one_row(predictor, repeats=3)
+    monkeypatch.setattr(kronos, "onednn_linear", real_onednn)
+    monkeypatch.setattr(F, "linear", slowed(real_linear))
+    assert not kronos.torch_is_faster_for_one_row(predictor, repeats=3)
 
 
 @pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
@@ -94,3 +148,21 @@ def test_plain_torch_linears_match_the_reference_too(name, compile):
     engine = new_engine(c["max_context"], compile=compile, onednn=False)
     assert "oneDNN" not in engine.info.decode_path
     assert_matches_case(c, engine.forecast(kc.case_inputs(c)))
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("name", ["short_no_slide", "slides_past_context", "batch_of_three"])
+def test_one_row_products_through_pytorch_match_the_reference(name, compile):
+    c = kc.case(name)
+    engine = new_engine(c["max_context"], compile=compile, one_row="torch")
+    assert engine.info.decode_path.endswith("oneDNN linears (PyTorch's for one row)")
+    assert_matches_case(c, engine.forecast(kc.case_inputs(c)))
+
+
+def test_one_row_products_through_pytorch_build_no_new_graph_after_load():
+    """The branch on the row count is static in every graph the warm-up builds: nothing compiles later."""
+    engine = new_engine(one_row="torch")
+    graphs = counters["stats"]["unique_graphs"]
+    engine.forecast([kc.window(10, 30, 4, top_k=1, top_p=1.0)])
+    engine.forecast([kc.window(10, 200, 9, sample_count=3), kc.window(400, 64, 20, top_k=5)])
+    assert counters["stats"]["unique_graphs"] == graphs

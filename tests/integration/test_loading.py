@@ -37,8 +37,10 @@ def greedy_close(engine: KronosEngine) -> list[float]:
 def load(
     predictor: Path | str = PREDICTOR, tokenizer: Path | str = TOKENIZER, device: str = "cpu", **options
 ) -> KronosEngine:
-    # what loading finds and refuses; the compiled decode step has its own tests (test_engine_compile.py)
+    # what loading finds and refuses; the compiled decode step and the measured one-row path have their own
+    # tests (test_engine_compile.py)
     options.setdefault("compile", False)
+    options.setdefault("one_row", "onednn")
     return KronosEngine.load(predictor=str(predictor), tokenizer=str(tokenizer), device=device, **options)
 
 
@@ -349,7 +351,7 @@ from test_loading import greedy_close
 outcomes = {}
 for name, arguments in json.loads(sys.argv[1]).items():
     try:
-        engine = KronosEngine.load(device="cpu", compile=False, **arguments)
+        engine = KronosEngine.load(device="cpu", compile=False, one_row="onednn", **arguments)
     except Exception as exc:
         transient = getattr(exc, "transient", None)
         outcomes[name] = {"error": type(exc).__name__, "message": str(exc), "transient": transient}

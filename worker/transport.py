@@ -212,12 +212,21 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
     def __init__(self, *args, **kwargs):
         # delivery tags the pop script has recorded in `unacked`, until QoS.append takes them (QoS above)
         self.recorded_by_pop: set[str] = set()
+        # queues consumed without acks (Celery's control replies): kombu records none of their deliveries
+        self._no_ack_queues: set[str] = set()
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:
             # kombu prefixes the keys of its own commands only: the pop script, the delayed set and the
             # project's keys would silently use others, and the worker would consume nothing
             raise ValueError("kombu's global_keyprefix transport option is not supported by the worker's transport: "
                              "give each deployment its own Redis DB or KRONOS_QUEUE_PREFIX instead")  # fmt: skip
+
+    def basic_consume(self, queue, no_ack, *args, **kwargs):
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -313,7 +322,10 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             tag = bytes_to_str(tag[0])
             gate = self._gates.get(queue)
             if gate is None:  # not a forecast queue: Celery's own traffic (control replies), as kombu reads it
-                self.recorded_by_pop.add(tag)
+                if queue in self._no_ack_queues:  # nothing will settle its record: the sweep would bring it back
+                    self._forget(tag)
+                else:
+                    self.recorded_by_pop.add(tag)
                 self._deliver_as_is(item, queue)
                 return True
             try:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 from celery import Celery
-from kombu import Connection, Consumer, Queue
+from kombu import Connection, Consumer, Producer, Queue
 
 from tasks.routing import queue_for_model
 from worker.transport import Transport
@@ -55,3 +55,22 @@ def test_a_global_key_prefix_is_refused_at_start(redis_server):
     connection = Connection(redis_server.url(0), transport=Transport, transport_options=options)
     with connection, pytest.raises(ValueError, match="global_keyprefix"):
         connection.default_channel  # noqa: B018 - opening the channel is what refuses
+
+
+def test_a_delivery_to_a_consumer_without_acks_leaves_no_record(redis_server):
+    """Celery's control replies are consumed without acks (kombu's Mailbox): nothing will ever settle their
+    record, so the sweep would bring each reply back, and the channel would remember its tag for good."""
+    queue = Queue("replies-no-ack")
+    with Connection(redis_server.url(0), transport=Transport) as connection:
+        Producer(connection.default_channel).publish({"reply": 1}, routing_key=queue.name, declare=[queue])
+        received = []
+        consumer = Consumer(connection.default_channel, queues=[queue], accept=["json"], no_ack=True,
+                            callbacks=[lambda body, message: received.append(body)])  # fmt: skip
+        with consumer:
+            connection.drain_events(timeout=5)
+        assert received == [{"reply": 1}]
+        channel = connection.default_channel
+        assert channel.recorded_by_pop == set()
+        admin = redis_server.client(0)
+        assert admin.hlen(channel.unacked_key) == 0
+        assert admin.zcard(channel.unacked_index_key) == 0

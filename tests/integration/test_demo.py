@@ -11,8 +11,10 @@ import time
 import kronos_cases as kc
 import pytest
 from redis_server import free_port
+from sentinel_cluster import MASTER_NAME, SentinelCluster
 from worker_process import REPO_ROOT
 
+from tasks.keys import RESULT_KEY_PREFIX
 from worker import demo
 
 pytestmark = pytest.mark.slow
@@ -81,3 +83,15 @@ def test_demo_serves_the_published_model_from_the_hugging_face_cache(tmp_path):
     result = outcome["result"]
     assert result["model_id"] == "NeoQuasar/Kronos-small" and result["model_revision"] == FAKE_COMMIT
     assert result["tokenizer_id"] == "NeoQuasar/Kronos-Tokenizer-base" and result["synthetic_model"] is False
+
+
+def test_demo_runs_on_redis_sentinel(tmp_path):
+    """Pointed at sentinels, the demo's worker and client find the master through them, as every process does."""
+    with SentinelCluster() as cluster:
+        completed = run_demo(tmp_path, tmp_path / "demo.png", HF_HUB_OFFLINE="1", KRONOS_BROKER_URL=cluster.url(0),
+                             KRONOS_SENTINEL_MASTER=MASTER_NAME)  # fmt: skip
+        assert any(line.startswith("Redis: using sentinel://") for line in completed.stderr.splitlines())
+        outcome = json.loads(completed.stdout)
+        assert outcome["embedded_redis"] is False and len(outcome["result"]["timestamps"]) == 24
+        with cluster.master().client(1) as results:  # the result backend: DB 1 of the same sentinels' master
+            assert results.exists(RESULT_KEY_PREFIX + outcome["result"]["job_id"])

@@ -250,7 +250,7 @@ class Channel(ChannelWaitsForReplicas, redis.Channel):
             self.client.connection.send_command("BLPOP", IDLE_KEY, idle)
             return
         pairs = [(self._q_for_pri(queue, priority), queue) for queue in queues for priority in CONSUMPTION_ORDER]
-        group = ["", "", "", "", "", ""] if self._doorbell is None else self._doorbell.pop_arguments(self._is_idle())
+        group = Doorbell.NO_GROUP_ARGUMENTS if self._doorbell is None else self._doorbell.pop_arguments(self._is_idle())
         self._pending = "EVAL"
         self.client.connection.send_command(
             "EVAL",

@@ -170,6 +170,9 @@ class Doorbell:
         self._wanted = frozenset(keyspace_channel(self._db, key) for key in keys)
         self._subscribe()
 
+    # What a channel without a Doorbell (no event loop) passes instead: no probe, no group.
+    NO_GROUP_ARGUMENTS = ("", "", "", "", "", "")
+
     def pop_arguments(self, idle: bool) -> list[str | int]:
         """ARGV[8..13] of the pop script (worker/transport.py): the probe key when this pop should push to it (at
         most once a PROBE_INTERVAL), else ''; then GROUP_LUA's."""

@@ -183,6 +183,8 @@ def test_channels_watching_the_same_lists_share_a_group_and_its_keys():
     assert first.wake_key == second.wake_key != other.wake_key
     assert first.pop_arguments(idle=True)[1:4] == [first.lease_key, first.wake_key, first.id]
     assert first.pop_arguments(idle=False)[5] == "0" and first.pop_arguments(idle=True)[5] == "1"
+    # a channel without a doorbell fills the same places of the script's arguments
+    assert len(Doorbell.NO_GROUP_ARGUMENTS) == len(first.pop_arguments(idle=True))
 
 
 def test_a_lost_subscription_pops_and_polls_until_it_is_back(monkeypatch):

@@ -63,7 +63,7 @@ def infer_offset(index: pd.DatetimeIndex) -> BaseOffset | None:
     # choice does not depend on row order.
     steps, counts = np.unique(np.diff(index.asi8), return_counts=True)
     most_common_step = pd.Timedelta(int(steps[np.argmax(counts)]), unit=index.unit)
-    if len(index) >= 3 and _may_have_calendar_frequency(steps, most_common_step.unit):
+    if len(index) >= 3 and _may_have_calendar_frequency(steps, index.unit):
         inferred = pd.DatetimeIndex(index, freq="infer").freq
         if inferred is not None:
             return inferred

@@ -32,6 +32,7 @@ import torch
 from bench.harness import code_version, cpu_model
 from model import KronosEngine, SeriesInput
 from model.config import PredictorConfig, TokenizerConfig
+from model.engine import Sampling
 from model.kronos import KronosPredictor, KronosTokenizer, prefill
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,7 +346,8 @@ def time_call(repeats: int, fn, *args) -> dict:
 
 @torch.inference_mode()
 def components(engine: KronosEngine, quick: bool) -> dict:
-    """The predictor's building blocks alone: a full 512-candle window forward and one cached decode step."""
+    """The predictor's building blocks alone: a full 512-candle window forward and one cached decode step (the
+    draw included, top_p 0.9)."""
     predictor = engine.predictor
     generator = torch.Generator().manual_seed(SEED)
     out = {}
@@ -358,9 +360,10 @@ def components(engine: KronosEngine, quick: bool) -> dict:
         repeats = (3 if quick else 7) if rows == 1 else (2 if quick else 5)
         out[f"prefill_512_b{rows}"] = time_call(repeats, prefill, predictor, caches, index, s1, s2, stamps)
         positions = torch.full((rows,), 450)  # attends to 451 cached slots
-        out[f"decode_one_token_b{rows}"] = time_call(
-            50, engine.decode_one_token, predictor, caches, s1[:, 0], s2[:, 0], stamps[:, 0], positions
-        )
+        h_last, uniforms = torch.randn(rows, predictor.config.d_model, generator=generator), torch.rand(rows, 2)
+        sampling = Sampling(torch.ones(rows), torch.zeros(rows, dtype=torch.long), torch.full((rows,), 0.9), 0)
+        args = (predictor, caches, h_last, positions, uniforms, stamps[:, 0], positions, *sampling)
+        out[f"decode_step_b{rows}"] = time_call(50, engine.decode_step, *args)
     return out
 
 
@@ -474,7 +477,8 @@ def _time_steps(batch, h_last, first: int, count: int):
 
 @torch.inference_mode()
 def profile_decode(engine: KronosEngine, candles: pd.DataFrame, rows: int, top: int = 12) -> dict:
-    """Where one cached engine step (draw s1, s2 head, draw s2, decode_one_token) of `rows` rows spends its time.
+    """Where one cached engine step (draw s1, s2 head, draw s2, decode_one_token: one compiled call) of `rows` rows
+    spends its time.
 
     Steps 50..109 of a 392/120 forecast (windows of 442..501 tokens) under torch.profiler, per step; beside it
     the unprofiled step time and the same step with d_model 16 (the overhead floor).

@@ -16,6 +16,7 @@ import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -111,9 +112,12 @@ class ModelInfo:
     decode_path: str = "eager"
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Per-row sampling settings [B] of one batch; largest_top_k > 0 when every row has a top_k."""
+class Sampling(NamedTuple):
+    """Per-row sampling settings [B] of one batch; largest_top_k > 0 when every row has a top_k.
+
+    A tuple so that the compiled step takes its fields as arguments of their own: torch.compile treats an int
+    argument as dynamic (one graph for every k) but specializes an int read from an object's attribute.
+    """
 
     temperature: torch.Tensor
     top_k: torch.Tensor
@@ -129,21 +133,36 @@ def draw_codes(predictor: KronosPredictor, caches, h_last, window_lengths, sampl
     return s1, draw(s2_logits, *settings, uniforms[:, 1], sampling.largest_top_k)
 
 
-def compile_decode(device: torch.device) -> tuple[Callable, str]:
-    """`decode_one_token` compiled as one graph (inductor; on CUDA also CUDA graphs), and its path's name.
+def decode_step(predictor: KronosPredictor, caches, h_last, window_lengths, uniforms, stamp, positions, *sampling):
+    """One cached step of every row: draw (s1, s2) from h_last [B, d] with the `Sampling` fields, then append
+    them at `positions` [B] with their time stamp [B, 5] -> s1, s2 [B] and the new hidden state [B, d].
 
-    Shapes are dynamic, so that one graph serves any batch and cache size (torch specializes 1 row apart).
+    What the engine compiles: the draw and the predictor's step in one graph, one call a step.
     """
+    s1, s2 = draw_codes(predictor, caches, h_last, window_lengths, Sampling(*sampling), uniforms)
+    return s1, s2, decode_one_token(predictor, caches, s1, s2, stamp, positions)
+
+
+def compile_step(device: torch.device) -> tuple[Callable, str]:
+    """`decode_step` compiled as one graph (inductor; on CUDA also CUDA graphs), and its path's name.
+
+    Shapes are dynamic, so that one graph serves any batch and cache size (torch specializes 1 row apart), and
+    so is largest_top_k: one graph for the top-k draw whatever its k, another for the sorted one.
+    """
+    # an engine builds four graphs (one row or several, a top-k or a sorted draw), and the graphs of an engine whose
+    # linears take other paths are others: a model swap, or the tests' many engines, would pass dynamo's default
+    # limit of 8 per function, and fullgraph=True makes that an error
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type == "cuda":
-        graphed = torch.compile(decode_one_token, mode="reduce-overhead", dynamic=True, fullgraph=True)
+        graphed = torch.compile(decode_step, mode="reduce-overhead", dynamic=True, fullgraph=True)
 
         def step(*args):
-            # each call may overwrite the previous call's output buffers: hand out a copy
+            # each call may overwrite the previous call's output buffers: hand out copies
             torch.compiler.cudagraph_mark_step_begin()
-            return graphed(*args).clone()
+            return tuple(out.clone() for out in graphed(*args))
 
         return step, "compiled (inductor, CUDA graphs)"
-    return torch.compile(decode_one_token, dynamic=True, fullgraph=True), "compiled (inductor)"
+    return torch.compile(decode_step, dynamic=True, fullgraph=True), "compiled (inductor)"
 
 
 class KronosEngine:
@@ -183,7 +202,7 @@ class KronosEngine:
         self.max_pred_len = max_pred_len
         self.min_lookback = min_lookback
         self.device = predictor.head.proj_s1.weight.device
-        self.decode_one_token = decode_one_token  # or its compiled graph
+        self.decode_step = decode_step  # or its compiled graph
         precision = predictor_precision(predictor)
         linears = ""
         if onednn and self.device.type == "cpu" and precision in ("float32", "bfloat16") and use_onednn(predictor):
@@ -205,21 +224,24 @@ class KronosEngine:
             return "eager (torch.compile disabled, TORCH_COMPILE_DISABLE)"
         if predictor_precision(self.predictor) == "int8":
             return "eager (int8 dynamic linears are not compiled)"
-        self.decode_one_token, path = compile_decode(self.device)
+        self.decode_step, path = compile_step(self.device)
         try:
             self.warm_up()
         except Exception as exc:  # any failure of the compiler stack: the eager step is always right
-            self.decode_one_token = decode_one_token
+            self.decode_step = decode_step
             log.warning("torch.compile of the decode step failed, running eager: %s", exc)
             return f"eager (compile failed: {type(exc).__name__}: {str(exc)[:200]})"
         return path
 
     def warm_up(self) -> None:
-        """A forecast of one row and one of two rows: every graph the decode step needs is built now."""
+        """Forecasts of one row and of two, each drawing with top-k and with a sort: every graph the decode step
+        needs is built now."""
         timestamps = pd.date_range("2024-01-01", periods=12, freq="5min")
         candles = pd.DataFrame({column: np.linspace(1.0, 2.0, 8) for column in COLUMNS}, index=timestamps[:8])
         for sample_count in (1, 2):
-            self.forecast([SeriesInput(candles, timestamps[8:], top_k=1, top_p=1.0, sample_count=sample_count, seed=0)])
+            for top_k in (1, 0):
+                series = SeriesInput(candles, timestamps[8:], top_k=top_k, sample_count=sample_count, seed=0)
+                self.forecast([series])
 
     @classmethod
     def load(
@@ -437,23 +459,28 @@ class _Batch:
             return torch.tensor(values, dtype=dtype, device=device)[self.series_of_row]
 
         top_k = [int(p.source.top_k) for p in prepared]
+        # every row has a top_k below the vocabulary: the draw needs only that many candidates, no full sort. At
+        # least 2, as torch.compile specializes a dimension of 1 (a second candidate is kept only if it equals the
+        # first, as in the reference's filter); a top_k that keeps every code sorts, as does top_k 0
+        vocabulary = 2**engine.predictor.config.s1_bits  # of s1 and of s2 alike
+        largest_top_k = max(*top_k, 2) if min(top_k) > 0 and max(top_k) < vocabulary else 0
         self.sampling = Sampling(
             per_row([float(p.source.temperature) for p in prepared], torch.float32),
             per_row(top_k, torch.long),
             per_row([float(p.source.top_p) for p in prepared], torch.float32),
-            # every row has a top_k: the draw needs only that many candidates (no full sort)
-            max(top_k) if min(top_k) > 0 else 0,
+            largest_top_k,
         )
         # every series draws from its own seeded stream: the same draws alone or in any batch
         steps = int(self.pred_lens.max())
-        uniforms = torch.zeros(rows, steps, 2)
+        # step-major, so that a step's uniforms [B, 2] are one contiguous block: the compiled step sees one layout
+        uniforms = torch.zeros(steps, rows, 2)
         row = 0
         for p in prepared:
             generator = torch.Generator().manual_seed(p.seed)
             n = p.source.sample_count
-            uniforms[row : row + n, : p.pred_len] = torch.rand(n, p.pred_len, 2, generator=generator)
+            uniforms[: p.pred_len, row : row + n] = torch.rand(n, p.pred_len, 2, generator=generator).transpose(0, 1)
             row += n
-        self.uniforms = uniforms.to(device)
+        self.uniforms = uniforms.to(device)  # [steps, B, 2]
         self.caches = engine.predictor.new_caches(rows, self.cache_slots)
 
     def on_device(self, values: np.ndarray) -> torch.Tensor:
@@ -494,27 +521,29 @@ class _Batch:
         """
         engine = self.engine
         window_lengths = self.on_device(np.minimum(self.host_lengths, self.capacity))
-        uniforms = self.uniforms[:, step]
-        s1, s2 = draw_codes(engine.predictor, self.caches, h_last, window_lengths, self.sampling, uniforms)
+        uniforms = self.uniforms[step]
         active = step < self.host_pred_lens  # rows whose horizon is not yet reached
-        rows = self.on_device(np.flatnonzero(active))
-        slots = self.on_device(self.host_lengths[active])
-        self.tokens_s1[rows, slots] = s1[rows]
-        self.tokens_s2[rows, slots] = s2[rows]
-        self.host_lengths += active
+        appended = self.host_lengths + active  # every row's length once this step's token is in
         more = step + 1 < self.host_pred_lens
         # exact cached step while the window still starts at position 0; otherwise recompute it
-        grows = more & (self.host_lengths <= self.capacity) if use_cache else np.zeros_like(more)
+        grows = more & (appended <= self.capacity) if use_cache else np.zeros_like(more)
         slides = more & ~grows
         if grows.any():
             # every row takes the step: rows that do not need it (done, or about to be recomputed) only
             # write into slots nothing reads again, and batch rows are nearly free in a weight-bound step
-            last = self.on_device(self.host_lengths - 1)
+            last = self.on_device(appended - 1)
             positions = last.clamp(max=self.cache_slots - 1)
-            h_step = engine.decode_one_token(
-                engine.predictor, self.caches, s1, s2, self.stamps[self.all_rows, last], positions
-            )
+            stamp = self.stamps[self.all_rows, last]
+            args = (self.caches, h_last, window_lengths, uniforms, stamp, positions, *self.sampling)
+            s1, s2, h_step = engine.decode_step(engine.predictor, *args)
             h_last = h_step if grows.all() else torch.where(self.on_device(grows)[:, None], h_step, h_last)
+        else:  # the last step, or every row slides: only the draw
+            s1, s2 = draw_codes(engine.predictor, self.caches, h_last, window_lengths, self.sampling, uniforms)
+        rows = self.on_device(np.flatnonzero(active))
+        slots = self.on_device(self.host_lengths[active])
+        self.tokens_s1[rows, slots] = s1[rows]
+        self.tokens_s2[rows, slots] = s2[rows]
+        self.host_lengths = appended
         if slides.any():
             recompute = np.flatnonzero(slides)
             h_last = h_last.index_put((self.on_device(recompute),), self.prefill_rows(recompute))

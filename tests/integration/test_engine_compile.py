@@ -1,4 +1,5 @@
-"""The compiled decode step computes what the eager one does, is built at load, and falls back to eager."""
+"""The compiled decode step (draw and predictor step, one graph) computes what the eager one does, is built at
+load, and falls back to eager."""
 
 import time
 
@@ -36,7 +37,7 @@ def compiled() -> dict[int, KronosEngine]:
 def test_the_compiled_path_is_taken_and_named(compiled):
     for engine in compiled.values():
         assert engine.info.decode_path == "compiled (inductor), oneDNN linears"
-        assert engine.decode_one_token is not engine_module.decode_one_token
+        assert engine.decode_step is not engine_module.decode_step
 
 
 @pytest.mark.parametrize("name", [n for n in CASE_NAMES if kc.case(n)["predictor"] == "predictor"])
@@ -52,6 +53,10 @@ def test_forecasts_after_load_build_no_new_graph(compiled):
     engine.forecast([kc.window(10, 30, 4, top_k=1, top_p=1.0)])
     engine.forecast([kc.window(10, 200, 9, sample_count=3), kc.window(400, 64, 20, top_k=5)])
     engine.forecast([kc.window(700, 600, 12)])  # a lookback beyond max_context: windows slide
+    # top-k draws of any k (one beyond the vocabulary too) and sorted draws, one row and several
+    engine.forecast([kc.window(50, 100, 6, top_k=2000), kc.window(60, 90, 7, top_k=3)])
+    engine.forecast([kc.window(50, 100, 6, top_k=17, sample_count=2)])
+    engine.forecast([kc.window(50, 100, 6, top_k=0, top_p=0.5)])
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -72,10 +77,10 @@ def test_a_failing_compile_falls_back_to_eager_and_says_why(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(engine_module, "compile_decode", lambda device: (broken, "compiled (inductor)"))
+    monkeypatch.setattr(engine_module, "compile_step", lambda device: (broken, "compiled (inductor)"))
     engine = new_engine()
     assert engine.info.decode_path == "eager (compile failed: RuntimeError: no C++ compiler), oneDNN linears"
-    assert engine.decode_one_token is engine_module.decode_one_token
+    assert engine.decode_step is engine_module.decode_step
     c = kc.case("short_no_slide")
     assert_matches_case(c, engine.forecast(kc.case_inputs(c)))
 

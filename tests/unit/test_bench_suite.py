@@ -107,7 +107,7 @@ def comparison_report(with_reference: bool) -> dict:
         "workloads": [workload],
         "decode_floor": {
             "decode_path": "compiled (inductor)",
-            "decode_one_token_ms": {"best": 4.0, "median": 4.5},
+            "decode_step_ms": {"best": 4.0, "median": 4.5},
             "matrix_vector_products": 59,
             "weight_megabytes": 88.0,
             "floor_ms": {"best": 5.0, "median": 5.5},

@@ -185,9 +185,10 @@ class KronosEngine:
         """`compile=True` compiles the decode step and warms it up here, so that no forecast pays for it;
         where compile is unavailable or fails, the engine runs eager and `info.decode_path` says why.
         `onednn` (CPU, float32 / bfloat16): the predictor's linear layers run through oneDNN on packed weights
-        (model.kronos.OneDNNLinear); the predictor given is changed in place. `one_row` says where their one-row
-        products (a batch-1 decode step's) go: "onednn", "torch" (PyTorch's own linear), or "fastest", measured
-        here on this CPU (what `load` asks for)."""
+        (model.kronos.OneDNNLinear); the predictor given is changed in place. A compiled step's one-row products
+        (a batch-1 step's) are generated in its graph; where the step runs eager, `one_row` says where they go:
+        "onednn", "torch" (PyTorch's own linear), or "fastest", measured here on this CPU (what `load` asks
+        for)."""
         if one_row not in ("onednn", "torch", "fastest"):
             raise ValueError(f"one_row must be 'onednn', 'torch' or 'fastest', not {one_row!r}")
         if tokenizer.config.s1_bits != predictor.config.s1_bits:
@@ -204,17 +205,20 @@ class KronosEngine:
         self.device = predictor.head.proj_s1.weight.device
         self.decode_step = decode_step  # or its compiled graph
         precision = predictor_precision(predictor)
-        linears = ""
-        if onednn and self.device.type == "cpu" and precision in ("float32", "bfloat16") and use_onednn(predictor):
-            linears = ", oneDNN linears"
-            if one_row == "torch" or (one_row == "fastest" and torch_is_faster_for_one_row(predictor)):
-                send_one_row_to_torch(predictor)
-                linears += " (PyTorch's for one row)"
+        packed = onednn and self.device.type == "cpu" and precision in ("float32", "bfloat16") and use_onednn(predictor)
         # set before the compile: the warm-up forecasts name the precision in their results
         self.info = dataclasses.replace(
             info or ModelInfo("<in memory>", None, "<in memory>", None), precision=precision, decode_path="eager"
         )
         decode_path = self._compile() if compile else "eager"
+        linears = ""
+        if packed:
+            linears = ", oneDNN linears"
+            if decode_path.startswith("compiled"):  # where a step's one-row products are
+                linears += " (one-row products generated in the graph)"
+            elif one_row == "torch" or (one_row == "fastest" and torch_is_faster_for_one_row(predictor)):
+                send_one_row_to_torch(predictor)
+                linears += " (PyTorch's for one row)"
         self.info = dataclasses.replace(self.info, decode_path=decode_path + linears)
 
     def _compile(self) -> str:
@@ -265,8 +269,8 @@ class KronosEngine:
         unless the model's spec says otherwise); max_context defaults to the model's and may only shrink.
         dtype "float32" is exact; "bfloat16", "float16" (GPU) and "int8" (CPU: dynamic int8 linears) are an
         opt-in faster predictor whose results differ (docs/ENGINE.md) and name it. The decode step is compiled
-        here (see `KronosEngine`) unless `compile=False`, and the faster path for one-row products is measured
-        (`one_row`).
+        here (see `KronosEngine`) unless `compile=False`; where the step runs eager, the faster path for one-row
+        products is measured (`one_row`).
         """
         spec = PUBLISHED_MODELS.get(predictor) or next(
             (s for s in PUBLISHED_MODELS.values() if s.predictor == predictor), None

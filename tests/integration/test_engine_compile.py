@@ -17,7 +17,7 @@ from model import KronosEngine, kronos
 from model import engine as engine_module
 from model.engine import Sampling
 from model.kronos import OneDNNLinear
-from model.loading import load_predictor, load_tokenizer, locate
+from model.loading import load_predictor, load_tokenizer, locate, lower_precision
 
 COMPILED_PATH = "compiled (inductor), oneDNN linears (one-row products generated in the graph)"
 
@@ -177,7 +177,8 @@ def library_products(engine: KronosEngine, rows: int) -> dict[str, int]:
     caches = predictor.new_caches(rows, 64)
     sampling = Sampling(torch.ones(rows), torch.zeros(rows, dtype=torch.long), torch.full((rows,), 0.9), 0)
     stamp, positions = torch.zeros(rows, 5, dtype=torch.long), torch.full((rows,), 20)
-    args = (predictor, caches, torch.randn(rows, predictor.config.d_model), positions, torch.rand(rows, 2))
+    h_last = torch.randn(rows, predictor.config.d_model, dtype=predictor.head.proj_s1.weight.dtype)
+    args = (predictor, caches, h_last, positions, torch.rand(rows, 2))
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiled:
         engine.decode_step(*args, stamp, positions, *sampling)
     calls = collections.Counter(event.name for event in profiled.events())
@@ -189,3 +190,14 @@ def test_a_compiled_one_row_step_calls_no_linear_algebra_library(compiled):
     engine = compiled[max(compiled)]
     assert library_products(engine, 1) == dict.fromkeys(library_products(engine, 1), 0)
     assert library_products(engine, 3)["kronos::onednn_linear"] > 0
+
+
+def test_bfloat16_one_row_products_stay_on_onednn_in_the_graph():
+    """Generated bfloat16 reductions made the opt-in mode slower than float32 (run G, docs/ENGINE.md): a bfloat16
+    engine's compiled one-row step keeps oneDNN's bf16 products."""
+    predictor = lower_precision(load_predictor(locate(str(kc.PARITY / "predictor"))), "bfloat16")
+    engine = KronosEngine(load_tokenizer(locate(str(kc.PARITY / "tokenizer"))), predictor, compile=True)
+    if "oneDNN" not in engine.info.decode_path:
+        pytest.skip("oneDNN has no bfloat16 path on this CPU")
+    assert engine.info.decode_path == "compiled (inductor), oneDNN linears"
+    assert library_products(engine, 1)["kronos::onednn_linear"] > 0

@@ -518,12 +518,16 @@ def profile_decode(engine: KronosEngine, candles: pd.DataFrame, rows: int, top: 
 
 # ---- report ---------------------------------------------------------------------------------------------
 
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 
 def machine(threads: int) -> dict:
     return {
         "hostname": platform.node(),
         "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # set, these hold PyTorch's kernels and inductor's code, oneDNN and MKL to fewer instructions than the CPU has
+        "instruction_set_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
         "cores": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)),
         "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3,

@@ -215,7 +215,7 @@ class KronosEngine:
         if packed:
             linears = ", oneDNN linears"
             if decode_path.startswith("compiled"):  # where a step's one-row products are
-                linears += " (one-row products generated in the graph)" if precision == "float32" else ""
+                linears += " (one-row products generated in the graph)"
             elif one_row == "torch" or (one_row == "fastest" and torch_is_faster_for_one_row(predictor)):
                 send_one_row_to_torch(predictor)
                 linears += " (PyTorch's for one row)"

@@ -76,9 +76,9 @@ class OneDNNLinear(nn.Linear):
     oneDNN's for the same products, at batch 1 as for whole windows; results agree to float32 rounding.
     On others (an Intel Xeon VM) MKL is the faster one for a single row, oneDNN from about 16 rows up:
     `torch_for_one_row` (`send_one_row_to_torch`) sends one-row products, a batch-1 decode step's, to
-    PyTorch's own linear. Inside a compiled graph a float32 one-row product calls no library at all: it is written
-    as the reduction it is, which inductor generates as one streaming kernel of the graph (a library call there
-    costs 12-17 us before any arithmetic, about 0.6 ms of a Kronos-small step's 38 products).
+    PyTorch's own linear. Inside a compiled graph a one-row product calls no library at all: it is written as the
+    reduction it is, which inductor generates as one streaming kernel of the graph (a library call there costs
+    12-17 us before any arithmetic, about 0.6 ms of a Kronos-small step's 38 products).
     """
 
     torch_for_one_row = False
@@ -87,8 +87,6 @@ class OneDNNLinear(nn.Linear):
     def pack(cls, linear: nn.Linear) -> "OneDNNLinear":
         packed = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         packed.weight, packed.bias = linear.weight, linear.bias
-        # bfloat16 weights keep oneDNN's bf16 products in a graph too: faster there than generated ones
-        packed.generated_for_one_row = linear.weight.dtype == torch.float32
         key = linear.weight.data_ptr()
         _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         weakref.finalize(linear.weight, _PACKED.pop, key, None)
@@ -98,7 +96,7 @@ class OneDNNLinear(nn.Linear):
         # static branches in a compiled graph: torch specializes a dimension of size 1, and takes a dynamic
         # one to be at least 2
         one_row = math.prod(x.shape[:-1]) == 1
-        if one_row and self.generated_for_one_row and torch.compiler.is_compiling():
+        if one_row and torch.compiler.is_compiling():
             # x [..., 1, in] * weight [out, in] summed over in: never materialized in the generated kernel
             product = (x.unsqueeze(-2) * self.weight).sum(-1)
             return product if self.bias is None else product + self.bias

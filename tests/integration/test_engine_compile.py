@@ -17,7 +17,7 @@ from model import KronosEngine, kronos
 from model import engine as engine_module
 from model.engine import Sampling
 from model.kronos import OneDNNLinear
-from model.loading import load_predictor, load_tokenizer, locate, lower_precision
+from model.loading import load_predictor, load_tokenizer, locate
 
 COMPILED_PATH = "compiled (inductor), oneDNN linears (one-row products generated in the graph)"
 
@@ -190,14 +190,3 @@ def test_a_compiled_one_row_step_calls_no_linear_algebra_library(compiled):
     engine = compiled[max(compiled)]
     assert library_products(engine, 1) == dict.fromkeys(library_products(engine, 1), 0)
     assert library_products(engine, 3)["kronos::onednn_linear"] > 0
-
-
-def test_bfloat16_one_row_products_stay_on_onednn_in_the_graph():
-    """Generated bfloat16 reductions made the opt-in mode slower than float32 (run G, docs/ENGINE.md): a bfloat16
-    engine's compiled one-row step keeps oneDNN's bf16 products."""
-    predictor = lower_precision(load_predictor(locate(str(kc.PARITY / "predictor"))), "bfloat16")
-    engine = KronosEngine(load_tokenizer(locate(str(kc.PARITY / "tokenizer"))), predictor, compile=True)
-    if "oneDNN" not in engine.info.decode_path:
-        pytest.skip("oneDNN has no bfloat16 path on this CPU")
-    assert engine.info.decode_path == "compiled (inductor), oneDNN linears"
-    assert library_products(engine, 1)["kronos::onednn_linear"] > 0

@@ -171,6 +171,9 @@ def test_after_a_connection_loss_the_restored_copy_does_not_run_beside_the_origi
         app.close()
 
 
+RUNNING_OR_DONE = ("STARTED", "PROGRESS", "SUCCESS")
+
+
 @pytest.mark.parametrize("outage", [2, 3])
 def test_a_short_redis_restart_fails_no_valid_job(outage):
     """Redis goes away for a few seconds while jobs run (progress being written), start (STARTED) and finish
@@ -186,7 +189,9 @@ def test_a_short_redis_restart_fails_no_valid_job(outage):
         with WorkerProcess(env, name="steady"):
             for request in requests:
                 submit(request, celery_app=app)
-            wait_until(lambda: (outcome(server, requests[0].job_id) or {}).get("status") == "PROGRESS",
+            # running: its jobs sleep (fault:sleep) before the engine, whose PROGRESS lasts a fraction of a second
+            # and may come and go between two polls; the batches after it run during the outage either way
+            wait_until(lambda: (outcome(server, requests[0].job_id) or {}).get("status") in RUNNING_OR_DONE,
                        timeout=20, what="the first batch to run")  # fmt: skip
             server.stop()
             time.sleep(outage)

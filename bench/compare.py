@@ -39,7 +39,6 @@ from torch._dynamo.utils import counters
 from bench import engine_bench, reference
 from bench.engine_bench import MAX_CONTEXT, ROOT, load_candles, series_inputs, timed_forecast
 from model import KronosEngine
-from model.engine import Sampling
 from model.kronos import KronosPredictor
 from model.loading import lower_precision
 
@@ -137,8 +136,8 @@ def decode_weights(predictor) -> list[torch.Tensor]:
         predictor.head.proj_s1.weight,
         predictor.dep_layer.cross_attn.q_proj.weight,
         predictor.head.proj_s2.weight,
+        predictor.embedding.fusion_proj.weight,
     ]
-    weights.append(predictor.embedding.fusion_proj.weight)
     for block in predictor.transformer:
         ff = block.ffn.w2.in_features
         weights += [*block.self_attn.qkv.weight.split(d), block.self_attn.out_proj.weight]
@@ -178,8 +177,7 @@ def decode_against_floor(engine: KronosEngine, calls: int = 150) -> dict:
     caches = predictor.new_caches(1, MAX_CONTEXT)
     h_last, stamp = torch.randn(1, predictor.config.d_model), torch.zeros(1, 5, dtype=torch.long)
     window_lengths, positions = torch.tensor([450]), torch.tensor([450])
-    # the reference's default request: T 1, top_p 0.9, so the draw sorts
-    sampling = Sampling(torch.ones(1), torch.zeros(1, dtype=torch.long), torch.full((1,), 0.9), largest_top_k=0)
+    sampling = engine_bench.default_sampling(1)
     uniforms = torch.rand(1, 2, generator=torch.Generator().manual_seed(0))
 
     def step():

@@ -344,6 +344,11 @@ def time_call(repeats: int, fn, *args) -> dict:
     return {"median": statistics.median(times), "best": min(times), "calls": repeats}
 
 
+def default_sampling(rows: int) -> Sampling:
+    """The reference's default request for `rows` rows: T 1, no top-k, top_p 0.9 (so the draw sorts)."""
+    return Sampling(torch.ones(rows), torch.zeros(rows, dtype=torch.long), torch.full((rows,), 0.9), 0)
+
+
 @torch.inference_mode()
 def components(engine: KronosEngine, quick: bool) -> dict:
     """The predictor's building blocks alone: a full 512-candle window forward and one cached decode step (the
@@ -361,8 +366,7 @@ def components(engine: KronosEngine, quick: bool) -> dict:
         out[f"prefill_512_b{rows}"] = time_call(repeats, prefill, predictor, caches, index, s1, s2, stamps)
         positions = torch.full((rows,), 450)  # attends to 451 cached slots
         h_last, uniforms = torch.randn(rows, predictor.config.d_model, generator=generator), torch.rand(rows, 2)
-        sampling = Sampling(torch.ones(rows), torch.zeros(rows, dtype=torch.long), torch.full((rows,), 0.9), 0)
-        args = (predictor, caches, h_last, positions, uniforms, stamps[:, 0], positions, *sampling)
+        args = (predictor, caches, h_last, positions, uniforms, stamps[:, 0], positions, *default_sampling(rows))
         out[f"decode_step_b{rows}"] = time_call(50, engine.decode_step, *args)
     return out
 

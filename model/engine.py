@@ -47,6 +47,8 @@ from model.preprocess import COLUMNS, candle_matrix, denormalize, normalize, tim
 from model.sampling import draw
 
 MAX_SEED = 2**63
+# tokens of one pass of the tokenizer or the prefill over whole windows: windows of 392-512 candles go two at a time
+PASS_TOKENS = 1024
 log = logging.getLogger(__name__)
 
 
@@ -418,6 +420,23 @@ def _check_sampling(s: SeriesInput) -> None:
         raise InvalidInputError("quantiles", "quantiles need sample_count >= 2 (one path has no spread)")
 
 
+def in_passes(lengths: np.ndarray) -> list[np.ndarray]:
+    """Indices of `lengths` (of windows) in groups of about PASS_TOKENS tokens, longest first.
+
+    Running whole windows (the tokenizer, a prefill) a few at a time keeps a pass's activations in cache: one pass
+    over a whole batch made GEMMs of thousands of rows and pointwise ops on tensors of tens of MB, slower per
+    token than passes of about a thousand tokens (docs/ENGINE.md). The windows of a pass have similar lengths, so
+    it pads little; every attention is causal, so a shorter padding changes no real position.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    groups, start = [], 0
+    while start < len(order):
+        count = max(1, PASS_TOKENS // int(lengths[order[start]]))
+        groups.append(order[start : start + count])
+        start += count
+    return groups
+
+
 class _Batch:
     """The state of one forecast call. Rows are series x samples, series-major.
 
@@ -446,14 +465,16 @@ class _Batch:
         self.cache_slots = int(min(self.capacity, (self.host_lengths + self.host_pred_lens).max()))
 
         # the tokenizer is deterministic: encode each series once, then give every sample row a copy
-        x = torch.zeros(len(prepared), int(lookbacks.max()), 6)
-        for i, p in enumerate(prepared):
-            x[i, : len(p.x)] = torch.from_numpy(p.x)
-        s1, s2 = engine.tokenizer.encode(x.to(device))  # [S, Lmax]
-        self.tokens_s1 = torch.zeros(rows, width, dtype=torch.long, device=device)
-        self.tokens_s2 = torch.zeros_like(self.tokens_s1)
-        self.tokens_s1[:, : s1.shape[1]] = s1[self.series_of_row]
-        self.tokens_s2[:, : s2.shape[1]] = s2[self.series_of_row]
+        s1 = torch.zeros(len(prepared), width, dtype=torch.long, device=device)
+        s2 = torch.zeros_like(s1)
+        for passed in in_passes(lookbacks.numpy()):
+            longest = len(prepared[passed[0]].x)
+            x = torch.zeros(len(passed), longest, 6)
+            for i, series in enumerate(passed):
+                x[i, : len(prepared[series].x)] = torch.from_numpy(prepared[series].x)
+            on_device = torch.from_numpy(passed).to(device)
+            s1[on_device, :longest], s2[on_device, :longest] = engine.tokenizer.encode(x.to(device))
+        self.tokens_s1, self.tokens_s2 = s1[self.series_of_row], s2[self.series_of_row]  # [B, N]
         stamps = torch.zeros(len(prepared), width, 5, dtype=torch.long)
         for i, p in enumerate(prepared):
             stamps[i, : len(p.stamps)] = torch.from_numpy(p.stamps)
@@ -502,10 +523,15 @@ class _Batch:
         return s1, s2, stamps, host_window_lengths
 
     def prefill_rows(self, rows: np.ndarray) -> torch.Tensor:
-        """Recompute the windows of `rows` into the caches; their last hidden states [R, d]."""
-        s1, s2, stamps, window_lengths = self.windows(rows)
-        h = prefill(self.engine.predictor, self.caches, self.on_device(rows), s1, s2, stamps)
-        return h[torch.arange(len(rows), device=h.device), self.on_device(window_lengths - 1)]
+        """Recompute the windows of `rows` into the caches, in passes (`in_passes`); their last hidden states [R, d]."""
+        h_last = None
+        for passed in in_passes(np.minimum(self.host_lengths[rows], self.capacity)):
+            s1, s2, stamps, lengths = self.windows(rows[passed])
+            h = prefill(self.engine.predictor, self.caches, self.on_device(rows[passed]), s1, s2, stamps)
+            if h_last is None:
+                h_last = h.new_empty(len(rows), h.shape[-1])
+            h_last[self.on_device(passed)] = h[torch.arange(len(passed), device=h.device), self.on_device(lengths - 1)]
+        return h_last
 
     def prefill_first(self) -> torch.Tensor:
         """Prefill one row per series and copy it to that series' other sample rows."""
@@ -555,7 +581,11 @@ class _Batch:
 
     def results(self) -> list[SeriesForecast]:
         s1, s2, _, window_lengths = self.windows(np.arange(len(self.host_lengths)))
-        decoded = self.engine.tokenizer.decode(s1, s2).float().cpu().numpy()  # [B, W, 6]
+        decoded = np.zeros((*s1.shape, 6), dtype=np.float32)  # [B, W, 6]
+        for passed in in_passes(window_lengths):
+            longest, on_device = window_lengths[passed[0]], torch.from_numpy(passed).to(self.device)
+            codes = s1[on_device, :longest], s2[on_device, :longest]
+            decoded[passed, :longest] = self.engine.tokenizer.decode(*codes).float().cpu().numpy()
         tokens_s1, tokens_s2 = self.tokens_s1.cpu().numpy(), self.tokens_s2.cpu().numpy()
         lookbacks = self.host_lookbacks
         out, row = [], 0

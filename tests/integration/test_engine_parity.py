@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from model import engine as engine_module
 from model.kronos import prefill, rotary_tables
 from model.preprocess import candle_matrix, normalize, time_features
 
@@ -31,9 +32,13 @@ def test_case_alone(name, use_cache):
     assert_matches_case(c, engine.forecast(kc.case_inputs(c), use_cache=use_cache))
 
 
+@pytest.mark.parametrize("pass_tokens", [None, 40], ids=["default-passes", "40-token-passes"])
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
-def test_all_cases_mixed_in_one_batch(use_cache):
-    """Every series of every case that shares a predictor and context runs in one call."""
+def test_all_cases_mixed_in_one_batch(use_cache, pass_tokens, monkeypatch):
+    """Every series of every case that shares a predictor and context runs in one call; with short passes, the
+    tokenizer and the prefill take the windows a few at a time, longest first, out of the batch's order."""
+    if pass_tokens is not None:
+        monkeypatch.setattr(engine_module, "PASS_TOKENS", pass_tokens)
     groups = {}
     for c in kc.cases():
         groups.setdefault((c["predictor"], c["max_context"]), []).append(c)

@@ -181,7 +181,7 @@ def decode_against_floor(engine: KronosEngine, calls: int = 150) -> dict:
     uniforms = torch.rand(1, 2, generator=torch.Generator().manual_seed(0))
 
     def step():
-        engine.decode_step(predictor, caches, h_last, window_lengths, uniforms, stamp, positions, *sampling)
+        engine.decode_step(predictor, caches, h_last, window_lengths, 451, uniforms, stamp, positions, *sampling)
 
     functions = {"floor": floor, "onednn_floor": onednn_floor, "decode_step": step}
     timings = {name: [] for name in functions}

@@ -366,7 +366,7 @@ def components(engine: KronosEngine, quick: bool) -> dict:
         out[f"prefill_512_b{rows}"] = time_call(repeats, prefill, predictor, caches, index, s1, s2, stamps)
         positions = torch.full((rows,), 450)  # attends to 451 cached slots
         h_last, uniforms = torch.randn(rows, predictor.config.d_model, generator=generator), torch.rand(rows, 2)
-        args = (predictor, caches, h_last, positions, uniforms, stamps[:, 0], positions, *default_sampling(rows))
+        args = (predictor, caches, h_last, positions, 451, uniforms, stamps[:, 0], positions, *default_sampling(rows))
         out[f"decode_step_b{rows}"] = time_call(50, engine.decode_step, *args)
     return out
 

@@ -127,29 +127,33 @@ class Sampling(NamedTuple):
     largest_top_k: int
 
 
-def draw_codes(predictor: KronosPredictor, caches, h_last, window_lengths, sampling: Sampling, uniforms):
+def draw_codes(predictor: KronosPredictor, caches, h_last, window_lengths, span, sampling: Sampling, uniforms):
     """s1 from h_last [B, d], then s2 given that s1 through the s2 head -> ids [B] each; uniforms [B, 2]."""
     settings = (sampling.temperature, sampling.top_k, sampling.top_p)
     s1 = draw(predictor.s1_logits(h_last), *settings, uniforms[:, 0], sampling.largest_top_k)
-    s2_logits = predictor.s2_logits(caches, h_last, s1, window_lengths)
+    s2_logits = predictor.s2_logits(caches, h_last, s1, window_lengths, span)
     return s1, draw(s2_logits, *settings, uniforms[:, 1], sampling.largest_top_k)
 
 
-def decode_step(predictor: KronosPredictor, caches, h_last, window_lengths, uniforms, stamp, positions, *sampling):
+def decode_step(
+    predictor: KronosPredictor, caches, h_last, window_lengths, span, uniforms, stamp, positions, *sampling
+):
     """One cached step of every row: draw (s1, s2) from h_last [B, d] with the `Sampling` fields, then append
-    them at `positions` [B] with their time stamp [B, 5] -> s1, s2 [B] and the new hidden state [B, d].
+    them at `positions` [B] with their time stamp [B, 5] -> s1, s2 [B] and the new hidden state [B, d]. The
+    attentions read the first `span` cache slots: more than any window length or position.
 
     What the engine compiles: the draw and the predictor's step in one graph, one call a step.
     """
-    s1, s2 = draw_codes(predictor, caches, h_last, window_lengths, Sampling(*sampling), uniforms)
-    return s1, s2, decode_one_token(predictor, caches, s1, s2, stamp, positions)
+    s1, s2 = draw_codes(predictor, caches, h_last, window_lengths, span, Sampling(*sampling), uniforms)
+    return s1, s2, decode_one_token(predictor, caches, s1, s2, stamp, positions, span)
 
 
 def compile_step(device: torch.device) -> tuple[Callable, str]:
     """`decode_step` compiled as one graph (inductor; on CUDA also CUDA graphs), and its path's name.
 
     Shapes are dynamic, so that one graph serves any batch and cache size (torch specializes 1 row apart), and
-    so is largest_top_k: one graph for the top-k draw whatever its k, another for the sorted one.
+    so are the int arguments: the span of slots read, and largest_top_k (one graph for the top-k draw whatever
+    its k, another for the sorted one).
     """
     # an engine builds four graphs (one row or several, a top-k or a sorted draw), and the graphs of an engine whose
     # linears take other paths are others: a model swap, or the tests' many engines, would pass dynamo's default
@@ -506,7 +510,9 @@ class _Batch:
             uniforms[: p.pred_len, row : row + n] = torch.rand(n, p.pred_len, 2, generator=generator).transpose(0, 1)
             row += n
         self.uniforms = uniforms.to(device)  # [steps, B, 2]
-        self.caches = engine.predictor.new_caches(rows, self.cache_slots)
+        # one slot more than any window: a step reads the first `span` slots, and were that the whole cache, the
+        # slice would be contiguous, which the compiled step would take as another graph
+        self.caches = engine.predictor.new_caches(rows, self.cache_slots + 1)
 
     def on_device(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(values).to(self.device)
@@ -555,6 +561,8 @@ class _Batch:
         active = step < self.host_pred_lens  # rows whose horizon is not yet reached
         appended = self.host_lengths + active  # every row's length once this step's token is in
         more = step + 1 < self.host_pred_lens
+        # the cache slots this step reads: every window and every new token's position are below it
+        span = int(min(self.cache_slots, appended.max()))
         # exact cached step while the window still starts at position 0; otherwise recompute it
         grows = more & (appended <= self.capacity) if use_cache else np.zeros_like(more)
         slides = more & ~grows
@@ -564,11 +572,11 @@ class _Batch:
             last = self.on_device(appended - 1)
             positions = last.clamp(max=self.cache_slots - 1)
             stamp = self.stamps[self.all_rows, last]
-            args = (self.caches, h_last, window_lengths, uniforms, stamp, positions, *self.sampling)
+            args = (self.caches, h_last, window_lengths, span, uniforms, stamp, positions, *self.sampling)
             s1, s2, h_step = engine.decode_step(engine.predictor, *args)
             h_last = h_step if grows.all() else torch.where(self.on_device(grows)[:, None], h_step, h_last)
         else:  # the last step, or every row slides: only the draw
-            s1, s2 = draw_codes(engine.predictor, self.caches, h_last, window_lengths, self.sampling, uniforms)
+            s1, s2 = draw_codes(engine.predictor, self.caches, h_last, window_lengths, span, self.sampling, uniforms)
         rows = self.on_device(np.flatnonzero(active))
         slots = self.on_device(self.host_lengths[active])
         self.tokens_s1[rows, slots] = s1[rows]

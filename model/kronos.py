@@ -195,15 +195,16 @@ class KVCache:
 class TokenSlots:
     """Where one decode step writes and what it may read, computed once per step for every layer.
 
-    rows [B] (0..B-1), positions [B] (the new token's slot), visible [B, 1, 1, C] (slots 0..position),
-    cos/sin [B, 1, 1, D] (the rotary angle of each row's position).
+    rows [B] (0..B-1), positions [B] (the new token's slot), span: the slots any row reads (the longest
+    position + 1, which the host knows), visible [B, 1, 1, span] (slots 0..position), cos/sin [B, 1, 1, D] (the
+    rotary angle of each row's position).
     """
 
-    def __init__(self, caches: "PredictorCaches", positions: torch.Tensor):
-        capacity = caches.cos.shape[0]
+    def __init__(self, caches: "PredictorCaches", positions: torch.Tensor, span: int):
         self.rows = torch.arange(positions.shape[0], device=positions.device)
         self.positions = positions
-        self.visible = (torch.arange(capacity, device=positions.device) <= positions[:, None])[:, None, None, :]
+        self.span = span
+        self.visible = (torch.arange(span, device=positions.device) <= positions[:, None])[:, None, None, :]
         self.cos = caches.cos[positions][:, None, None]
         self.sin = caches.sin[positions][:, None, None]
 
@@ -239,10 +240,11 @@ class Attention(Heads):
             if cache is not None:
                 cache.write_window(rows, k, v)
             return self.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        # one token per row at its own position; attend to slots 0..position of that row (the whole
-        # capacity, masked: a static shape, and no host read of the longest position)
+        # one token per row at its own position; attend to slots 0..position of that row: the slots in use,
+        # masked (a step reads every row's keys and values, so it reads no slot that no row uses yet)
         cache.write_token(slot, k, v)
-        out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=slot.visible)
+        keys, values = cache.k[:, :, : slot.span], cache.v[:, :, : slot.span]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=slot.visible)
         return self.merge_heads(out)
 
 
@@ -434,13 +436,13 @@ class KronosPredictor(nn.Module):
     def s1_logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.head.proj_s1(h_last).float()  # [B, V]
 
-    def s2_logits(self, caches: "PredictorCaches", h_last, s1, window_lengths) -> torch.Tensor:
-        """h_last [B, d], chosen s1 [B], window_lengths [B] -> s2 logits [B, V]."""
+    def s2_logits(self, caches: "PredictorCaches", h_last, s1, window_lengths, span: int) -> torch.Tensor:
+        """h_last [B, d], chosen s1 [B], window_lengths [B] (at most span) -> s2 logits [B, V]."""
         attn = self.dep_layer.cross_attn
         q = attn.split_heads(attn.q_proj(self.embedding.emb_s1(s1))[:, None])  # [B, 4, 1, d/4]
-        capacity = caches.cross.k.shape[2]
-        visible = torch.arange(capacity, device=s1.device) < window_lengths[:, None]  # [B, C]
-        out = F.scaled_dot_product_attention(q, caches.cross.k, caches.cross.v, attn_mask=visible[:, None, None, :])
+        visible = torch.arange(span, device=s1.device) < window_lengths[:, None]  # [B, span]
+        keys, values = caches.cross.k[:, :, :span], caches.cross.v[:, :, :span]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :])
         attended = attn.merge_heads(out)[:, 0]  # [B, d]
         return self.head.proj_s2(self.dep_layer.norm(h_last + attended)).float()
 
@@ -469,13 +471,13 @@ def prefill(model: KronosPredictor, caches: PredictorCaches, rows, s1, s2, stamp
     return h
 
 
-def decode_one_token(model: KronosPredictor, caches: PredictorCaches, s1, s2, stamp, positions):
+def decode_one_token(model: KronosPredictor, caches: PredictorCaches, s1, s2, stamp, positions, span: int):
     """Append one token to every row of the caches.
 
-    s1, s2 [B], stamp [B, 5], positions [B] (the slot of the new token) -> h [B, d].
+    s1, s2 [B], stamp [B, 5], positions [B] (the slot of the new token), span > every position -> h [B, d].
     """
     x = model.embed(s1[:, None], s2[:, None], stamp[:, None])  # [B, 1, d]
-    slot = TokenSlots(caches, positions)
+    slot = TokenSlots(caches, positions, span)
     for block, cache in zip(model.transformer, caches.layers, strict=True):
         x = block(x, slot.cos, slot.sin, cache, slot=slot)
     h = model.norm(x)  # [B, 1, d]

@@ -58,6 +58,8 @@ def test_forecasts_after_load_build_no_new_graph(compiled):
     engine.forecast([kc.window(10, 30, 4, top_k=1, top_p=1.0)])
     engine.forecast([kc.window(10, 200, 9, sample_count=3), kc.window(400, 64, 20, top_k=5)])
     engine.forecast([kc.window(700, 600, 12)])  # a lookback beyond max_context: windows slide
+    # one row slides while another grows: the step reads every slot of the cache
+    engine.forecast([kc.window(700, 600, 5), kc.window(10, 30, 5)])
     # top-k draws of any k (one beyond the vocabulary too) and sorted draws, one row and several
     engine.forecast([kc.window(50, 100, 6, top_k=2000), kc.window(60, 90, 7, top_k=3)])
     engine.forecast([kc.window(50, 100, 6, top_k=17, sample_count=2)])
@@ -178,7 +180,7 @@ def library_products(engine: KronosEngine, rows: int) -> dict[str, int]:
     sampling = Sampling(torch.ones(rows), torch.zeros(rows, dtype=torch.long), torch.full((rows,), 0.9), 0)
     stamp, positions = torch.zeros(rows, 5, dtype=torch.long), torch.full((rows,), 20)
     h_last = torch.randn(rows, predictor.config.d_model, dtype=predictor.head.proj_s1.weight.dtype)
-    args = (predictor, caches, h_last, positions, torch.rand(rows, 2))
+    args = (predictor, caches, h_last, positions, 21, torch.rand(rows, 2))
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiled:
         engine.decode_step(*args, stamp, positions, *sampling)
     calls = collections.Counter(event.name for event in profiled.events())

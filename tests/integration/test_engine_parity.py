@@ -76,7 +76,7 @@ def test_intermediate_tensors(traced):
     np.testing.assert_allclose(h.numpy(), traced["context"], atol=1e-4)
     np.testing.assert_allclose(predictor.s1_logits(h).numpy(), traced["s1_logits"], atol=1e-4)
     s1_next = torch.from_numpy(traced["s1_next"])[:, 0]
-    s2_logits = predictor.s2_logits(caches, h[:, -1], s1_next, torch.tensor([48]))
+    s2_logits = predictor.s2_logits(caches, h[:, -1], s1_next, torch.tensor([48]), 48)
     np.testing.assert_allclose(s2_logits.numpy(), traced["s2_logits_last"], atol=1e-4)
     reconstruction = engine.tokenizer.decode(s1, s2)
     np.testing.assert_allclose(reconstruction.numpy(), traced["reconstruction"], atol=1e-4)

@@ -561,8 +561,9 @@ class _Batch:
         active = step < self.host_pred_lens  # rows whose horizon is not yet reached
         appended = self.host_lengths + active  # every row's length once this step's token is in
         more = step + 1 < self.host_pred_lens
-        # the cache slots this step reads: every window and every new token's position are below it
-        span = int(min(self.cache_slots, appended.max()))
+        # the cache slots this step reads: every window and every new token's position are below it. CUDA graphs
+        # are recorded once per shape, so there a step reads every slot the call can use: one shape a call
+        span = self.cache_slots if self.device.type == "cuda" else int(min(self.cache_slots, appended.max()))
         # exact cached step while the window still starts at position 0; otherwise recompute it
         grows = more & (appended <= self.capacity) if use_cache else np.zeros_like(more)
         slides = more & ~grows

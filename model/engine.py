@@ -367,6 +367,8 @@ class KronosEngine:
         """Forecast prepared series in one batch; `progress(steps_done, steps_total)` after each step."""
         if not prepared:
             return []
+        if self.info.precision == "int8" and len(prepared) > 1:
+            return self._forecast_apart(prepared, use_cache, progress)
         batch = _Batch(self, prepared)
         steps = int(batch.pred_lens.max())
         h_last = batch.prefill_first()
@@ -375,6 +377,17 @@ class KronosEngine:
             if progress is not None:
                 progress(step + 1, steps)
         return batch.results()
+
+    def _forecast_apart(self, prepared, use_cache, progress) -> list[SeriesForecast]:
+        """One call per series. Dynamic int8 linears quantize each input tensor with one scale: in one call, the
+        rows of every series would share it, and a series' forecast would depend on the other series (and other
+        producers' jobs) of its batch. Progress counts the steps of all the calls."""
+        total, done, out = sum(p.pred_len for p in prepared), 0, []
+        for series in prepared:
+            report = None if progress is None else lambda step, _, before=done: progress(before + step, total)
+            out += self.forecast_prepared([series], use_cache=use_cache, progress=report)
+            done += series.pred_len
+        return out
 
 
 def _timestamps(name: str, values) -> pd.DatetimeIndex:

@@ -454,3 +454,21 @@ def test_missing_from_the_cache_says_so_and_how_to_fix_it(hub_outcomes, scenario
     assert message.startswith(f"{where}: {missing_file} is not in the local Hugging Face cache"), message
     assert "hf download" in message and "local directory" in message
     assert outcome["transient"] is False, "offline mode does not pass by retrying"
+
+
+def test_an_int8_series_gets_the_same_forecast_alone_and_in_any_batch():
+    """Dynamic int8 linears quantize each input with one scale: were the rows of a batch one input, a series'
+    forecast would depend on the other series (and producers) that share its batch."""
+    engine = load(dtype="int8")
+    inputs = [kc.window(150 * i, 40 + 6 * i, 12 - i, top_k=1, top_p=1.0) for i in range(8)]
+    reports = []
+    together = engine.forecast(inputs, progress=lambda done, total: reports.append((done, total)))
+    # one progress count over the whole call, whatever runs apart
+    total = sum(12 - i for i in range(8))
+    assert [done for done, _ in reports] == list(range(1, total + 1))
+    assert {steps for _, steps in reports} == {total}
+    for series, batched in zip(inputs, together, strict=True):
+        alone = engine.forecast([series])[0]
+        np.testing.assert_array_equal(alone.s1, batched.s1)
+        np.testing.assert_array_equal(alone.s2, batched.s2)
+        np.testing.assert_array_equal(alone.mean.to_numpy(), batched.mean.to_numpy())

@@ -364,7 +364,8 @@ class KronosEngine:
         use_cache: bool = True,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[SeriesForecast]:
-        """Forecast prepared series in one batch; `progress(steps_done, steps_total)` after each step."""
+        """Forecast prepared series in one batch (an int8 engine: one call each, see `_forecast_apart`);
+        `progress(steps_done, steps_total)` after each step."""
         if not prepared:
             return []
         if self.info.precision == "int8" and len(prepared) > 1:

@@ -452,7 +452,7 @@ def measure_memory(threads: int, geometry: str = "kronos-small") -> dict:
 
 
 # The same depth and op sequence as Kronos-small at d_model 16: what a step costs without the arithmetic, i.e. the
-# Python and dispatcher overhead of its ~2,600 aten calls (and the sort of the 1024 logits, which stays).
+# Python, dispatcher and kernel-launch overhead of its calls (and the sort of the 1024 logits, which stays).
 TINY_PREDICTOR = PredictorConfig(d_model=16, n_layers=8, n_heads=8, ff_dim=16, s1_bits=10, s2_bits=10, learn_te=True)
 OP_GROUPS = {
     "matmul (linear layers)": ("aten::addmm", "aten::mm", "aten::bmm"),
@@ -485,7 +485,8 @@ def profile_decode(engine: KronosEngine, candles: pd.DataFrame, rows: int, top: 
     spends its time.
 
     Steps 50..109 of a 392/120 forecast (windows of 442..501 tokens) under torch.profiler, per step; beside it
-    the unprofiled step time and the same step with d_model 16 (the overhead floor).
+    the unprofiled step time and the same step with d_model 16 (the overhead floor), built the way `engine` was
+    (compiled or eager): an eager floor under a compiled step would count the overhead compile removes.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -496,7 +497,9 @@ def profile_decode(engine: KronosEngine, candles: pd.DataFrame, rows: int, top: 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _, h_last = _time_steps(batch, h_last, 50, profiled)
     torch.manual_seed(SEED)
-    tiny = KronosEngine(engine.tokenizer, KronosPredictor(TINY_PREDICTOR).eval(), max_context=MAX_CONTEXT)
+    compiled = engine.info.decode_path.startswith("compiled")
+    tiny_predictor = KronosPredictor(TINY_PREDICTOR).eval()
+    tiny = KronosEngine(engine.tokenizer, tiny_predictor, max_context=MAX_CONTEXT, compile=compiled)
     tiny_batch, tiny_h = _decoding(tiny, inputs, 10)
     floor, _ = _time_steps(tiny_batch, tiny_h, 10, 40)
 

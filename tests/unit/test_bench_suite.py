@@ -136,3 +136,30 @@ def test_comparison_table_names_ratio_floor_and_precisions(with_reference):
     assert ("**30.0x**" in text) == with_reference
     assert ("(no reference)" in text) != with_reference
     assert "**0.82x**" in text and "| int8 | eager |" in text and "50.0%" in text
+
+
+def test_the_profiles_overhead_floor_is_built_the_way_the_profiled_engine_was(monkeypatch):
+    """An eager d_model-16 step under a compiled Kronos-small step would report the overhead compile removes as
+    the floor (it did: 10 ms against a 1.7 ms compiled floor)."""
+    from types import SimpleNamespace
+
+    from bench import engine_bench
+
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def engine_factory(*args, compile=False, **kwargs):
+        built.append(compile)
+        raise Built
+
+    monkeypatch.setattr(engine_bench, "KronosEngine", engine_factory)
+    monkeypatch.setattr(engine_bench, "_decoding", lambda engine, inputs, steps: (None, None))
+    monkeypatch.setattr(engine_bench, "_time_steps", lambda batch, h_last, first, count: (0.0, None))
+    candles = engine_bench.load_candles()
+    for decode_path, compiled in [("compiled (inductor), oneDNN linears", True), ("eager, oneDNN linears", False)]:
+        engine = SimpleNamespace(info=SimpleNamespace(decode_path=decode_path), tokenizer=None)
+        with pytest.raises(Built):
+            engine_bench.profile_decode(engine, candles, rows=1)
+        assert built[-1] is compiled
